@@ -1,0 +1,1 @@
+"""LightningModules: thin orchestration over `models/`, `data/`, `rl/` and `soup/`."""

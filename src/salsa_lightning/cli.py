@@ -1,0 +1,134 @@
+"""The command line: LightningCLI for training stages, plus the recipe's other steps on the same parser.
+
+    python -m salsa_lightning fit --config configs/quickstart/sft.yaml --seed_everything 2
+    python -m salsa_lightning soup --config configs/quickstart/soup.yaml
+    python -m salsa_lightning --help          # lists every subcommand
+
+`fit`/`validate`/... are LightningCLI's own (model and data by `class_path`, every field overridable,
+`--print_config`). The extra subcommands (`data`, `soup`, `evaluate`, `landscape`) are not Trainer
+methods, so LightningCLI cannot build them; we add their parsers (one dataclass each) to the same
+subcommand group, so one `--help` shows everything, and run them without a Trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+from jsonargparse import lazy_instance
+
+from salsa_lightning.errors import SalsaError
+
+
+@dataclass(frozen=True)
+class ExtraCommand:
+    config: str  # "module:DataclassName"
+    run: str  # "module:function" taking the config instance
+    help: str
+
+    def load(self, ref: str):
+        module, name = ref.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+# Each later stage adds itself here; the dataclass's fields become the command's flags and YAML keys.
+EXTRA_COMMANDS: dict[str, ExtraCommand] = {}
+
+
+def register_command(name: str, config: str, run: str, help: str) -> None:
+    EXTRA_COMMANDS[name] = ExtraCommand(config, run, help)
+
+
+class StageConfigCallback(SaveConfigCallback):
+    """Saves the resolved config to the log dir (Lightning's behaviour) and hands it to the module, which
+    writes it into its stage output next to the weights."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if hasattr(pl_module, "resolved_config"):
+            pl_module.resolved_config = self.parser.dump(self.config, skip_none=False)
+
+
+class SalsaCLI(LightningCLI):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", StageConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault(
+            "trainer_defaults",
+            {
+                "callbacks": [lazy_instance(RichProgressBar)],
+                "logger": lazy_instance(CSVLogger, save_dir="lightning_logs"),
+            },
+        )
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"} if _has_omegaconf() else {})
+        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One source of truth for the tokenizer: the model's. Data modules receive it at instantiation.
+        parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=_tokenizer_of, apply_on="instantiate")
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        group = parser._subcommands_action
+        for name, cmd in EXTRA_COMMANDS.items():
+            sub = LightningArgumentParser(description=cmd.help)
+            sub.add_argument("--config", action="config")
+            sub.add_class_arguments(cmd.load(cmd.config), fail_untyped=True, sub_configs=True)
+            self._subcommand_parsers[name] = sub
+            group.add_subcommand(name, sub, help=cmd.help)
+
+    def _set_seed(self) -> None:
+        if self.subcommand not in EXTRA_COMMANDS:
+            super()._set_seed()
+
+    def instantiate_classes(self) -> None:
+        if self.subcommand not in EXTRA_COMMANDS:
+            return super().instantiate_classes()
+        cmd = EXTRA_COMMANDS[self.subcommand]
+        parser = self._subcommand_parsers[self.subcommand]
+        init = parser.instantiate_classes(self.config[self.subcommand])
+        cls = cmd.load(cmd.config)
+        self.command_config = cls(**{f.name: init[f.name] for f in dataclasses.fields(cls) if f.name in init})
+        self.model = self.datamodule = self.trainer = None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand not in EXTRA_COMMANDS:
+            return super()._run_subcommand(subcommand)
+        cmd = EXTRA_COMMANDS[subcommand]
+        self.result = cmd.load(cmd.run)(self.command_config)
+
+
+def _tokenizer_of(model: Any) -> Any:
+    return getattr(model, "tokenizer", None)
+
+
+def _has_omegaconf() -> bool:
+    return importlib.util.find_spec("omegaconf") is not None
+
+
+def cli_main(args: list[str] | None = None, **kwargs: Any) -> SalsaCLI:
+    """Run the CLI with `args` (default: sys.argv[1:]); callable from tests and notebooks.
+
+    A `SalsaError` (a problem the user can fix) propagates; `main()` turns it into one line and exit 2.
+    """
+    import salsa_lightning.commands  # noqa: F401  (registers the extra subcommands)
+
+    return SalsaCLI(args=args, **kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        cli_main(args)
+    except SalsaError as err:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,100 @@
+"""SFT data: conversations (`messages`, the ultrachat_200k format) -> assistant-only-label batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from salsa_lightning.data.chat import IGNORE_INDEX, tokenize_conversation, validate_messages
+from salsa_lightning.data.collate import CausalLMCollator
+from salsa_lightning.data.sources import load_rows
+from salsa_lightning.errors import SalsaError
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Conversations from a Hub dataset or local JSON/JSONL/Parquet, tokenised with the chat template."""
+
+    def __init__(
+        self,
+        data: str,
+        tokenizer: Any = None,
+        split: str = "train_sft",
+        val_split: str | None = None,
+        val_fraction: float = 0.05,
+        max_length: int = 2048,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        limit: int | None = None,
+        split_seed: int = 0,
+    ):
+        """
+        Args:
+            data: Hub dataset name (e.g. HuggingFaceH4/ultrachat_200k) or local .json/.jsonl/.parquet file or directory.
+            tokenizer: Set by the CLI from the model (a linked argument); pass one when using this class directly.
+            split: Hub split for training (local files have one split).
+            val_split: Hub split for validation (e.g. test_sft); None carves `val_fraction` out of the training rows.
+            val_fraction: Share of rows held out for validation when `val_split` is None.
+            max_length: Conversations are truncated to this many tokens.
+            batch_size: Rows per batch (per device).
+            num_workers: DataLoader worker processes.
+            limit: Use only the first `limit` rows (quick runs).
+            split_seed: Seed of the train/validation split; fixed apart from `--seed_everything`, so that
+                SFT seeds differ in training randomness but see the same held-out rows.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.train_set = self.val_set = None
+
+    def _tokenized(self, rows) -> list[dict[str, Any]]:
+        out, dropped = [], 0
+        for i, row in enumerate(rows):
+            enc = tokenize_conversation(self.tokenizer, validate_messages(row, i), self.hparams.max_length)
+            if all(label == IGNORE_INDEX for label in enc["labels"]):
+                dropped += 1  # no assistant token survived truncation: nothing to learn from
+                continue
+            out.append(enc)
+        if dropped:
+            rank_zero_info(f"SFT data: dropped {dropped} rows with no assistant token within max_length.")
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.tokenizer is None:
+            raise SalsaError("SFTDataModule has no tokenizer; pass `tokenizer=` (the CLI links it from the model).")
+        hp = self.hparams
+        rows = load_rows(hp.data, hp.split)
+        if hp.limit is not None:
+            rows = rows.select(range(min(hp.limit, len(rows))))
+        if len(rows) == 0:
+            raise SalsaError(f"The SFT data {hp.data} has no rows; point `data.data` at a non-empty dataset.")
+        if hp.val_split is not None:
+            val_rows = load_rows(hp.data, hp.val_split)
+        else:
+            if len(rows) < 2:
+                raise SalsaError(f"The SFT data {hp.data} has one row; a validation split needs at least two.")
+            parts = rows.train_test_split(test_size=hp.val_fraction, seed=hp.split_seed)
+            rows, val_rows = parts["train"], parts["test"]
+        self.train_set = self._tokenized(rows)
+        self.val_set = self._tokenized(val_rows)
+        if not self.train_set:
+            raise SalsaError(f"No SFT row of {hp.data} has an assistant turn within max_length={hp.max_length}.")
+
+    def _loader(self, rows, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            rows,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=CausalLMCollator(self.tokenizer.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

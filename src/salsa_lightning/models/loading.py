@@ -1,0 +1,222 @@
+"""Loading models and tokenizers: the one place every stage goes through.
+
+A model is named by a `ModelSpec.name_or_path` that is any of
+  - `embedded:smollm2-135m-instruct` — the embedded default (see `embedded.py`);
+  - a local directory in HF format (full weights, or a PEFT adapter directory);
+  - a previous stage's output directory (same thing, plus `salsa_manifest.json`);
+  - a Hugging Face Hub id (`HuggingFaceTB/SmolLM2-135M-Instruct`), on machines that reach the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.models.embedded import PREFIX as EMBEDDED_PREFIX
+from salsa_lightning.models.embedded import resolve_embedded
+from salsa_lightning.models.tiny import CHATML_TEMPLATE
+from salsa_lightning.stage import read_manifest
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+NAMED_CHAT_TEMPLATES = {
+    "chatml": CHATML_TEMPLATE,
+    "zephyr": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    ),
+}
+
+
+@dataclass
+class LoraSpec:
+    """PEFT LoRA settings (`peft.LoraConfig`)."""
+
+    r: int = 16
+    """LoRA rank r."""
+    alpha: float = 32
+    """lora_alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or "all-linear" (every linear layer but the output head)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA scaling alpha/sqrt(r)."""
+    init_lora_weights: bool = True
+    """PEFT's default init (B = 0, so training starts exactly at the base model)."""
+
+
+@dataclass
+class ModelSpec:
+    """Which model to load and how."""
+
+    name_or_path: str = DEFAULT_MODEL
+    """`embedded:smollm2-135m-instruct`, a local HF directory, a stage output directory, or a Hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype; auto = bfloat16 on a CUDA GPU that supports it, float32 otherwise."""
+    attn_implementation: str | None = None
+    """Attention kernel: sdpa, eager, flash_attention_2 (None lets transformers choose)."""
+    lora: LoraSpec | None = None
+    """Train a LoRA adapter on a frozen base instead of all weights (None = full fine-tuning)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub repository to run. Off unless you trust the repository."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    chat_template: str | None = None
+    """Override the tokenizer's chat template: "chatml", "zephyr" (turns end with EOS; for base models such as
+    Llama-2/Mistral/Gemma, as the alignment-handbook recipes do), or a Jinja template string."""
+    extra_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for `from_pretrained`."""
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in {".json", ".safetensors"}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local path for embedded and local models, the id itself for Hub models."""
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        return str(resolve_embedded(name_or_path[len(EMBEDDED_PREFIX) :]))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SalsaError(f"The model path {path} is a file; pass the directory that holds config.json.")
+        return str(path)
+    if _looks_like_path(name_or_path):
+        raise SalsaError(f"The model directory {name_or_path} does not exist; check the path (or run the stage that writes it).")
+    return name_or_path
+
+
+def is_adapter_dir(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str) -> str:
+    """The base model an adapter directory was trained on: the manifest's spec when there is one (it
+    re-resolves `embedded:` names on another machine), else PEFT's own record."""
+    manifest = read_manifest(path) or {}
+    if manifest.get("base_model"):
+        return manifest["base_model"]
+    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def _hub_error(name: str, err: Exception) -> SalsaError:
+    return SalsaError(
+        f"Could not load model '{name}': it is not a local directory and the Hugging Face Hub could not serve it "
+        f"({type(err).__name__}); check the id and your network, or pass a local path or `{DEFAULT_MODEL}`."
+    )
+
+
+def load_tokenizer(spec: ModelSpec | str, padding_side: str = "right"):
+    """The tokenizer of a model (a stage output carries its own; a bare adapter falls back to its base).
+
+    A tokenizer without a pad token gets its EOS token as pad (said in a warning): generation and
+    batching need one, and masks — never token ids — decide what is padding everywhere in this package.
+    """
+    from transformers import AutoTokenizer
+
+    spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    path = resolve_model_path(spec.name_or_path)
+    source = path
+    if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").is_file():
+        source = resolve_model_path(adapter_base(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    except OSError as err:
+        raise _hub_error(spec.name_or_path, err) from err
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise SalsaError(f"The tokenizer of {spec.name_or_path} has neither a pad nor an EOS token; add one.")
+        warnings.warn(f"The tokenizer of {spec.name_or_path} has no pad token; using its EOS token {tok.eos_token!r}.")
+        tok.pad_token = tok.eos_token
+    if spec.chat_template is not None:
+        tok.chat_template = NAMED_CHAT_TEMPLATES.get(spec.chat_template, spec.chat_template)
+    if tok.chat_template is None:
+        raise SalsaError(
+            f"The tokenizer of {spec.name_or_path} has no chat template; use an instruct/chat model or set one "
+            "with `model.chat_template: zephyr` (or chatml, or a Jinja string)."
+        )
+    tok.padding_side = padding_side
+    return tok
+
+
+def _from_pretrained(cls, name: str, spec: ModelSpec, **kwargs):
+    path = resolve_model_path(name)
+    kwargs = {
+        "dtype": resolve_dtype(spec.dtype),
+        "trust_remote_code": spec.trust_remote_code,
+        "revision": spec.revision,
+        **({"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}),
+        **spec.extra_kwargs,
+        **kwargs,
+    }
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _hub_error(name, err) from err
+
+
+def lora_config(lora: LoraSpec, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=lora.init_lora_weights,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def load_causal_lm(spec: ModelSpec | str, trainable: bool = True):
+    """A causal LM ready to train or to score with.
+
+    - full-weight directory + `spec.lora` -> a fresh LoRA adapter on the frozen base;
+    - adapter directory -> its base + the adapter (trainable if `trainable`);
+    - otherwise plain full weights (all trainable if `trainable`).
+    """
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    path = resolve_model_path(spec.name_or_path)
+    if is_adapter_dir(path):
+        base = _from_pretrained(AutoModelForCausalLM, adapter_base(path), spec)
+        model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, spec.name_or_path, spec)
+        if spec.lora is not None:
+            model = get_peft_model(model, lora_config(spec.lora))
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def is_peft_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)

@@ -1,0 +1,105 @@
+"""Pieces every training stage shares: optimiser settings and writing the stage output."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from salsa_lightning.stage import CONFIG_NAME, atomic_output_dir, write_manifest
+
+
+@dataclass
+class OptimSpec:
+    """AdamW with warmup then decay (transformers' schedules)."""
+
+    lr: float = 2.5e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.03
+    """Share of the training steps spent warming the learning rate up from 0."""
+    schedule: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    """Decay after warmup (transformers.get_scheduler names)."""
+
+
+def configure_adamw(module, spec: OptimSpec) -> dict[str, Any]:
+    """AdamW over the trainable parameters, stepped every optimiser step by a warmup+decay schedule."""
+    from transformers import get_scheduler
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas, eps=spec.eps)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    scheduler = get_scheduler(
+        spec.schedule, optimizer, num_warmup_steps=int(spec.warmup_ratio * total), num_training_steps=total
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def library_versions() -> dict[str, str]:
+    import lightning
+    import peft
+    import transformers
+
+    import salsa_lightning
+
+    return {
+        "salsa_lightning": salsa_lightning.__version__,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def current_seed() -> int | None:
+    """The seed `--seed_everything` set (Lightning exports it as PL_GLOBAL_SEED)."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else None
+
+
+def format_output_dir(output_dir: str | None) -> str | None:
+    """Fill `{seed}` in an output path from `--seed_everything`, so two SFT seeds are two runs of one config."""
+    if output_dir is None or "{seed}" not in output_dir:
+        return output_dir
+    seed = current_seed()
+    if seed is None:
+        from salsa_lightning.errors import SalsaError
+
+        raise SalsaError(f"The output path {output_dir} uses {{seed}} but no seed is set; pass --seed_everything N.")
+    return output_dir.replace("{seed}", str(seed))
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in sorted(metrics.items()) if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1}
+
+
+def save_stage_output(
+    output_dir: str | Path,
+    model,
+    tokenizer,
+    manifest: dict[str, Any],
+    resolved_config: str | None,
+    overwrite: bool,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a stage output (HF `save_pretrained` weights or adapter, tokenizer, config, manifest) atomically."""
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if resolved_config is not None:
+            (tmp / CONFIG_NAME).write_text(resolved_config)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        write_manifest(tmp, {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": library_versions(), **manifest})
+    return Path(output_dir)

@@ -1,0 +1,50 @@
+"""Small builders shared by tests (data files, CLI argument lists)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def addition_conversations(n: int, seed: int = 0) -> list[dict]:
+    """A learnable toy task: 'What is a + b?' -> 'The answer is c.'"""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a} + {b}?"},
+                    {"role": "assistant", "content": f"The answer is {a + b}."},
+                ]
+            }
+        )
+    return rows
+
+
+def sft_args(model: str, data: str, output_dir: str | None, *extra: str) -> list[str]:
+    args = [
+        "fit",
+        "--model=salsa_lightning.modules.sft.SFTModule",
+        f"--model.model.name_or_path={model}",
+        "--data=salsa_lightning.data.sft.SFTDataModule",
+        f"--data.data={data}",
+        "--data.batch_size=8",
+        "--data.val_fraction=0.25",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_model_summary=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false",
+        "--seed_everything=1",
+    ]
+    if output_dir is not None:
+        args.append(f"--model.output_dir={output_dir}")
+    return args + list(extra)

@@ -1,0 +1,61 @@
+"""Every YAML in configs/ parses through the CLI (`--print_config`), alone and with the debug config stacked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from salsa_lightning.cli import EXTRA_COMMANDS, cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "debug")
+DEBUG_CONFIGS = sorted((ROOT / "configs" / "debug").glob("*.yaml"))
+
+
+def subcommand_for(path: Path) -> str:
+    import salsa_lightning.commands  # noqa: F401
+
+    return path.stem if path.stem in EXTRA_COMMANDS else "fit"
+
+
+def test_configs_exist():
+    assert STAGE_CONFIGS, "no configs found"
+    assert (ROOT / "configs" / "quickstart" / "sft.yaml") in STAGE_CONFIGS
+
+
+@pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_config_parses(path: Path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([subcommand_for(path), "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert isinstance(printed, dict) and printed
+
+
+@pytest.mark.parametrize("debug", DEBUG_CONFIGS, ids=lambda p: p.name)
+def test_debug_config_stacks(debug: Path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(ROOT / "configs/quickstart/sft.yaml"), "--config", str(debug), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_steps"] == yaml.safe_load(debug.read_text())["trainer"]["max_steps"]
+
+
+def test_help_lists_every_subcommand(capsys):
+    import salsa_lightning.commands  # noqa: F401
+
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    out = capsys.readouterr().out
+    for name in ["fit", "validate", *EXTRA_COMMANDS]:
+        assert name in out
+
+
+def test_override_from_command_line(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(
+            ["fit", "--config", str(ROOT / "configs/quickstart/sft.yaml"), "--model.optim.lr", "0.5", "--print_config"]
+        )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["optim"]["lr"] == 0.5
