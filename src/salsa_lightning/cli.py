@@ -124,10 +124,24 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> SalsaCLI:
     return SalsaCLI(args=args, **kwargs)
 
 
+def user_error(exc: BaseException) -> SalsaError | None:
+    """The SalsaError behind `exc`, if any: jsonargparse wraps errors raised while instantiating classes."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, SalsaError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     try:
         cli_main(args)
-    except SalsaError as err:
+    except Exception as exc:
+        err = user_error(exc)
+        if err is None:
+            raise
         from rich.console import Console
 
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
