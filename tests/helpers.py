@@ -48,3 +48,40 @@ def sft_args(model: str, data: str, output_dir: str | None, *extra: str) -> list
     if output_dir is not None:
         args.append(f"--model.output_dir={output_dir}")
     return args + list(extra)
+
+
+def addition_preferences(n: int, seed: int = 0) -> list[dict]:
+    """A separable toy preference set: the right sum beats an unrelated word salad."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append(
+            {
+                "prompt": f"What is {a} + {b}?",
+                "chosen": f"The answer is {a + b}.",
+                "rejected": rng.choice(["banana banana fox", "lazy dog lazy dog", "HELLO WORLD"]),
+            }
+        )
+    return rows
+
+
+def reward_args(model: str, data: str, output_dir: str | None, *extra: str) -> list[str]:
+    args = [
+        "fit",
+        "--model=salsa_lightning.modules.reward.RewardModule",
+        f"--model.model.name_or_path={model}",
+        "--data=salsa_lightning.data.preferences.PreferenceDataModule",
+        f"--data.data={data}",
+        "--data.batch_size=8",
+        "--data.val_fraction=0.25",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_model_summary=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false",
+        "--seed_everything=1",
+    ]
+    if output_dir is not None:
+        args.append(f"--model.output_dir={output_dir}")
+    return args + list(extra)

@@ -97,6 +97,11 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.exists():
         if not path.is_dir():
             raise SalsaError(f"The model path {path} is a file; pass the directory that holds config.json.")
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+            raise SalsaError(
+                f"{name_or_path} is not a model directory (no config.json or adapter_config.json); "
+                "pass a stage output or an HF-format model directory."
+            )
         return str(path)
     if _looks_like_path(name_or_path):
         raise SalsaError(f"The model directory {name_or_path} does not exist; check the path (or run the stage that writes it).")

@@ -1,0 +1,155 @@
+"""RewardModule: Bradley–Terry reward model from an SFT output (paper §3.1 eq. 1, A.2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+
+from salsa_lightning.models.loading import ModelSpec, is_peft_model, load_tokenizer
+from salsa_lightning.modules.common import (
+    OptimSpec,
+    configure_adamw,
+    current_seed,
+    format_output_dir,
+    save_stage_output,
+    scalar_metrics,
+)
+from salsa_lightning.reward.losses import bradley_terry_loss, pairwise_stats
+from salsa_lightning.reward.model import load_reward_model, sequence_scores
+from salsa_lightning.stage import check_output_dir
+
+REWARD_DEFAULT_OPTIM = OptimSpec(lr=2e-5, weight_decay=0.001, warmup_ratio=0.0, schedule="linear")
+
+
+class RewardModule(L.LightningModule):
+    """Pairwise reward model; chosen and rejected share one batched forward pass."""
+
+    def __init__(
+        self,
+        model: ModelSpec | None = None,
+        optim: OptimSpec | None = None,
+        margin: float = 0.0,
+        center_rewards_coefficient: float | None = None,
+        output_dir: str | None = None,
+        overwrite: bool = False,
+    ):
+        """
+        Args:
+            model: The SFT stage output to start from (a new linear head reads the last token); set `lora` for
+                LoRA mode (a reward adapter on the shared frozen base).
+            optim: Paper A.2: AdamW, lr 2e-5, weight decay 0.001, linear decay.
+            margin: Fixed margin m in -log σ(r_c - r_r - m); a per-row `margin` column, if present, wins.
+            center_rewards_coefficient: Weight of the (r_c + r_r)² centering term (TRL's name); None = off.
+            output_dir: Where the reward model is written at the end of `fit`; `{seed}` is filled in.
+            overwrite: Replace `output_dir` if it exists.
+        """
+        super().__init__()
+        self.spec = model or ModelSpec()
+        self.optim = optim or REWARD_DEFAULT_OPTIM
+        self.margin = margin
+        self.center_rewards_coefficient = center_rewards_coefficient
+        self.output_dir = format_output_dir(output_dir)
+        self.overwrite = overwrite
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir, overwrite)
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(self.spec)
+        self.model = None
+        self.resolved_config: str | None = None
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{split}_{name}": MeanMetric()
+                for split in ("train", "val")
+                for name in ("loss", "accuracy", "margin", "reward_mean", "reward_std")
+            }
+        )
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = load_reward_model(self.spec, trainable=True, pad_token_id=self.tokenizer.pad_token_id)
+            self.model.train()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return sequence_scores(self.model, input_ids, attention_mask)
+
+    def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rewards = self(batch["input_ids"], batch["attention_mask"])  # (2B,)
+        chosen, rejected = rewards.chunk(2)  # (B,), (B,)
+        margin = batch.get("margin", self.margin or None)
+        loss = bradley_terry_loss(chosen, rejected, margin, self.center_rewards_coefficient)
+        stats = pairwise_stats(chosen.detach(), rejected.detach())
+        stats["reward_mean"] = rewards.detach().mean()
+        stats["reward_std"] = rewards.detach().std()
+        return loss, stats
+
+    def _log(self, split: str, loss: torch.Tensor, stats: dict[str, torch.Tensor], batch_size: int) -> None:
+        values = {"loss": loss.detach(), **stats}
+        for name, value in values.items():
+            metric = self.metrics[f"{split}_{name}"]
+            metric.update(value, weight=batch_size)
+            self.log(f"{split}/{name}", metric, on_step=split == "train", on_epoch=True, prog_bar=name == "accuracy")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, stats = self.model_step(batch)
+        self._log("train", loss, stats, batch["input_ids"].shape[0] // 2)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, stats = self.model_step(batch)
+        self._log("val", loss, stats, batch["input_ids"].shape[0] // 2)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_adamw(self, self.optim)
+
+    @torch.no_grad()
+    def training_set_reward_stats(self) -> dict[str, float]:
+        """Mean/std of the reward over every training sequence (chosen and rejected), with the final weights.
+
+        Runs on every rank (sharded models need all ranks in each forward), each over the whole set.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count
+        loader = self.trainer.datamodule.train_dataloader()
+        for batch in loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            r = self(batch["input_ids"], batch["attention_mask"]).double().cpu()
+            total += torch.stack([r.sum(), (r**2).sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
+        self.model.train(was_training)
+        mean = total[0] / total[2]
+        var = (total[1] / total[2] - mean**2).clamp(min=0) * total[2] / (total[2] - 1).clamp(min=1)
+        return {"mean": float(mean), "std": float(var.sqrt()), "count": int(total[2])}
+
+    def on_fit_end(self) -> None:
+        if self.output_dir is None:
+            return
+        stats = self.training_set_reward_stats()
+        if not self.trainer.is_global_zero:
+            return
+        datamodule = self.trainer.datamodule
+        manifest = {
+            "stage": "reward",
+            "format": "lora" if is_peft_model(self.model) else "full",
+            "base_model": _base_model_name(self.spec),
+            "init_from": self.spec.name_or_path,
+            "seed": current_seed(),
+            "global_step": self.trainer.global_step,
+            "metrics": scalar_metrics(self.trainer.callback_metrics),
+            "val_accuracy": float(self.trainer.callback_metrics.get("val/accuracy", float("nan"))),
+            "reward_stats": stats,
+            "data_counts": getattr(datamodule, "counts", {}),
+        }
+        path = save_stage_output(self.output_dir, self.model, self.tokenizer, manifest, self.resolved_config, self.overwrite)
+        rank_zero_info(f"Reward model written to {path} (val accuracy {manifest['val_accuracy']:.3f})")
+
+
+def _base_model_name(spec: ModelSpec) -> str:
+    """The frozen base an adapter sits on (for LoRA layouts) or the model itself."""
+    from salsa_lightning.models.loading import adapter_base, is_adapter_dir, resolve_model_path
+
+    path = resolve_model_path(spec.name_or_path)
+    return adapter_base(path) if is_adapter_dir(path) else spec.name_or_path

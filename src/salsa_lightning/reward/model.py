@@ -1,0 +1,123 @@
+"""Reward models: a sequence-classification head (`score`, one label) on an SFT model's backbone.
+
+The reward is read at the last REAL token, found from the attention mask. (transformers' own
+*ForSequenceClassification pooling finds it from `pad_token_id`, which is wrong when pad == EOS and a
+sequence ends in EOS — SmolLM2's case — so we run the backbone and the head ourselves.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.models.loading import (
+    ModelSpec,
+    _from_pretrained,
+    adapter_base,
+    is_adapter_dir,
+    lora_config,
+    resolve_model_path,
+)
+from salsa_lightning.reward.losses import last_token_index
+from salsa_lightning.stage import read_manifest
+
+
+def _check_model_dir(path: str, name: str) -> dict:
+    """The manifest of a local model directory (or {} for a Hub id / plain HF dir)."""
+    p = Path(path)
+    manifest = (read_manifest(p) or {}) if p.exists() else {}
+    if manifest.get("stage") in {"ppo", "salsa"}:
+        raise SalsaError(f"{name} is a PPO policy output; start the reward model from an SFT stage output.")
+    return manifest
+
+
+def unwrap(model):
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward per row (B,): the head applied to the hidden state of the last real token."""
+    seqcls = unwrap(model)
+    backbone = getattr(seqcls, seqcls.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+    idx = last_token_index(attention_mask)  # (B,)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
+    return seqcls.score(last).squeeze(-1).float()  # (B,)
+
+
+def load_reward_model(spec: ModelSpec, trainable: bool = True, pad_token_id: int | None = None):
+    """A reward model from an SFT output (new head) or a reward output (trained head).
+
+    - full-weight SFT dir: all weights + a new `score` head; with `spec.lora`, a fresh LoRA adapter + head;
+    - LoRA SFT adapter dir: with `spec.lora` (LoRA mode) the reward adapter STARTS FROM the SFT adapter's
+      weights on the same frozen base — the base stays shareable with PPO (DESIGN §3); without it, the
+      SFT adapter is merged into full weights;
+    - reward output dir: loaded as saved.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(spec.name_or_path)
+    manifest = _check_model_dir(path, spec.name_or_path)
+    stage = manifest.get("stage")
+    if is_adapter_dir(path):
+        base = _from_pretrained(AutoModelForSequenceClassification, adapter_base(path), spec, num_labels=1)
+        _set_pad(base, pad_token_id)
+        if stage == "reward":
+            model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+        elif spec.lora is None:
+            model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        else:
+            sft_cfg = LoraConfig.from_pretrained(path)
+            cfg = LoraConfig(
+                r=sft_cfg.r,
+                lora_alpha=sft_cfg.lora_alpha,
+                target_modules=sft_cfg.target_modules,
+                rank_pattern=sft_cfg.rank_pattern,
+                alpha_pattern=sft_cfg.alpha_pattern,
+                use_rslora=sft_cfg.use_rslora,
+                lora_dropout=spec.lora.dropout,
+                task_type="SEQ_CLS",
+                modules_to_save=["score"],
+            )
+            model = get_peft_model(base, cfg)
+            weights = load_file(str(Path(path) / "adapter_model.safetensors"))
+            # the SFT adapter has no `score` head: keep the fresh one, take every LoRA weight from SFT
+            current = get_peft_model_state_dict(model)
+            if not set(weights) <= set(current):
+                raise SalsaError(f"The SFT adapter {spec.name_or_path} does not fit its base model; re-run SFT.")
+            result = set_peft_model_state_dict(model, {**current, **weights})
+            if result.unexpected_keys:
+                raise SalsaError(f"The SFT adapter {spec.name_or_path} does not fit its base model; re-run SFT.")
+    else:
+        model = _from_pretrained(AutoModelForSequenceClassification, spec.name_or_path, spec, num_labels=1)
+        _set_pad(model, pad_token_id)
+        if spec.lora is not None:
+            model = get_peft_model(model, lora_config(spec.lora, task_type="SEQ_CLS", modules_to_save=["score"]))
+    if not hasattr(unwrap(model), "score"):
+        raise SalsaError(f"{spec.name_or_path}: this architecture has no `score` head for sequence classification.")
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def _set_pad(model, pad_token_id: int | None) -> None:
+    # transformers refuses batched sequence classification without a pad id in the config
+    if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_token_id
+
+
+def reward_stats(path: str | Path) -> dict | None:
+    """The training-set reward mean/std a reward stage stored (PPO can normalise with them)."""
+    manifest = read_manifest(path) or {}
+    return manifest.get("reward_stats")
+
+
+__all__ = ["load_reward_model", "sequence_scores", "reward_stats", "unwrap"]
