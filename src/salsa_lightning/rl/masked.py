@@ -55,6 +55,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     single real token the correction is undefined and the (zero) biased variance is returned instead.
     """
     real = _real(mask, values)
+    values = masked_fill_pad(values, real)  # first: a NaN pad would otherwise reach the mean's gradient
     mean = masked_mean(values, real)
     var = masked_mean((values - mean) ** 2, real)
     if unbiased:
@@ -72,6 +73,7 @@ def masked_whiten(
     is kept (TRL uses this for rewards, never for advantages). `eps` keeps a constant input finite.
     """
     real = _real(mask, values)
+    values = masked_fill_pad(values, real)  # first: a NaN pad would otherwise reach the std's gradient
     mean = masked_mean(values, real)
     var = masked_var(values, real, unbiased=unbiased)
     whitened = (values - mean) * torch.rsqrt(var + eps)
