@@ -39,8 +39,9 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
     `logits`: (B, T, V), `tokens`: (B, T) int. Returns (B, T) in float32 or the logits' dtype if wider.
 
-    Memory: `log_softmax` would keep a second (B, T, V) tensor alive for backward; gathering the
-    chosen logit and subtracting `logsumexp` keeps only (B, T) tensors. In float16/bfloat16 the
+    Memory: `log_softmax` saves its own (B, T, V) output for backward, next to the logits the caller
+    already holds; gathering the chosen logit and subtracting `logsumexp` saves only the logits (the
+    caller's tensor at τ = 1, its scaled copy otherwise) and (B, T) results. In float16/bfloat16 the
     logsumexp loses too much precision, so those dtypes go one sequence at a time in float32 (the extra
     memory is one (T, V) row, not the batch).
     """
