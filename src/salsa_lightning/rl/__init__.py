@@ -4,20 +4,23 @@ The `PPOModule` orchestrates; every formula of DESIGN.md §2 lives here once, te
 hand-computed numbers and naive loops. Shapes: B sequences, T response tokens, V vocabulary,
 J anchors. `mask` is always the (B, T) real-token mask from `response_mask`.
 
-One rollout, in call order::
+One PPO update, in call order (`logits`, `values` from a forward over `[prompt | response]`)::
 
-    logits_r = response_logits(logits, R)                    # (B, R, V), shift for [prompt | response]
-    logp     = logprobs_from_logits(logits_r, tokens, τ)     # (B, R), same for each anchor
-    mask     = response_mask(tokens, eos_id)                 # (B, R), up to and incl. first EOS
-    scores   = apply_missing_eos_penalty(scores, contains_eos(tokens, eos_id, mask), penalty)
-    kl       = kl_penalty(logp, logp_anchor, "k1")           # or multi_anchor_kl(logp, (J, B, R) refs)
-    shaped   = shape_rewards(scores, kl, mask, kl_ctl.value) # score at the last real token
-    gae      = compute_gae(shaped.rewards, values, mask, gamma, lam)   # whitened advantages, returns
-    # per minibatch:
-    pg       = policy_loss(new_logp, logp, gae.advantages, mask, cliprange)
-    vf       = value_loss(new_values, values, gae.returns, mask, cliprange_value)
-    loss     = pg.loss + vf_coef * vf.loss
-    # after the batch:
+    logp     = logprobs_from_logits(response_logits(logits, R), tokens, τ)   # (B, R); same for each anchor
+    values   = response_logits(value_head_out, R)                 # (B, R), the same shift
+    mask     = response_mask(tokens, eos_id)                      # (B, R), up to and incl. the first EOS
+    has_eos  = contains_eos(tokens, eos_id, mask)                 # (B,)
+    scores   = apply_missing_eos_penalty(scores, has_eos, penalty)
+    kl       = kl_penalty(logp, logp_anchor, "k1")                # or multi_anchor_kl(logp, (J, B, R) refs)
+    shaped   = shape_rewards(scores, kl, mask, kl_ctl.value)      # score at the last real token
+    gae      = compute_gae(shaped.rewards, values, mask, gamma, lam)  # whitened advantages, raw returns
+    log(rollout_metrics(scores, shaped, kl, mask, has_eos, entropy, {"init": kl_init, "soup": kl_soup}))
+    log({"val/explained_variance": explained_variance(values, gae.returns, mask), "kl_coef": kl_ctl.value})
+    for each ppo epoch and minibatch (mb_ rows of everything above):
+        pg   = policy_loss(new_logp, mb_logp, mb_advantages, mb_mask, cliprange)
+        vf   = value_loss(new_values, mb_values, mb_returns, mb_mask, cliprange_value)
+        loss = pg.loss + vf_coef * vf.loss
+        log(update_metrics(pg, vf))                               # averaged over minibatches
     kl_ctl.update(masked_sum(kl, mask, dim=1).mean(), n_steps=B)
 """
 
@@ -41,6 +44,7 @@ from salsa_lightning.rl.masked import (
     masked_var,
     masked_whiten,
 )
+from salsa_lightning.rl.metrics import rollout_metrics, update_metrics
 from salsa_lightning.rl.monitor import KLHackMonitor, kl_hack_detected
 from salsa_lightning.rl.rewards import (
     ShapedRewards,
@@ -89,6 +93,8 @@ __all__ = [
     "position_ids_from_mask",
     "response_logits",
     "response_mask",
+    "rollout_metrics",
     "shape_rewards",
+    "update_metrics",
     "value_loss",
 ]
