@@ -35,7 +35,7 @@ class KLHackMonitor:
             )
         if reference_updates < 1 or patience < 1:
             raise SalsaError(
-                f"KL-hack `reference_updates` and `patience` must be >= 1 (got {reference_updates} and {patience})."
+                f"KL-hack `reference_updates` and `patience` must be >= 1 (got {reference_updates} and {patience}); set each to 1 or more."
             )
         self.min_fraction = float(min_fraction)
         self.reference_updates = int(reference_updates)
