@@ -1,0 +1,100 @@
+"""PPO's math as pure tensor functions: no modules, no config objects, no trainer.
+
+The `PPOModule` orchestrates; every formula of DESIGN.md §2 lives here once, tested against
+hand-computed numbers and naive loops. Shapes: B sequences, T response tokens, V vocabulary,
+J anchors. `mask` is always the (B, T) real-token mask from `response_mask`.
+
+One PPO update, in call order (`logits`, `values` from a forward over `[prompt | response]`)::
+
+    logp     = logprobs_from_logits(response_logits(logits, R), tokens, τ)   # (B, R); same for each anchor
+    values   = response_logits(value_head_out, R)                 # (B, R), the same shift
+    mask     = response_mask(tokens, eos_id)                      # (B, R), up to and incl. the first EOS
+    has_eos  = contains_eos(tokens, eos_id, mask)                 # (B,)
+    scores   = apply_missing_eos_penalty(scores, has_eos, penalty)
+    kl       = kl_penalty(logp, logp_anchor, "k1")                # or multi_anchor_kl(logp, (J, B, R) refs)
+    shaped   = shape_rewards(scores, kl, mask, kl_ctl.value)      # score at the last real token
+    gae      = compute_gae(shaped.rewards, values, mask, gamma, lam)  # whitened advantages, raw returns
+    log(rollout_metrics(scores, shaped, kl, mask, has_eos, entropy, {"init": kl_init, "soup": kl_soup}))
+    log({"val/explained_variance": explained_variance(values, gae.returns, mask), "kl_coef": kl_ctl.value})
+    for each ppo epoch and minibatch (mb_ rows of everything above):
+        pg   = policy_loss(new_logp, mb_logp, mb_advantages, mb_mask, cliprange)
+        vf   = value_loss(new_values, mb_values, mb_returns, mb_mask, cliprange_value)
+        loss = pg.loss + vf_coef * vf.loss
+        log(update_metrics(pg, vf))                               # averaged over minibatches
+    kl_ctl.update(masked_sum(kl, mask, dim=1).mean(), n_steps=B)
+"""
+
+from salsa_lightning.rl.gae import GAEOutput, compute_gae
+from salsa_lightning.rl.kl import KL_ESTIMATORS, get_kl_estimator, kl_k1, kl_k2, kl_k3, kl_penalty, multi_anchor_kl
+from salsa_lightning.rl.kl_control import AdaptiveKLController, FixedKLController, KLController, make_kl_controller
+from salsa_lightning.rl.logprobs import entropy_from_logits, logprobs_from_logits, response_logits
+from salsa_lightning.rl.losses import (
+    PolicyLossOutput,
+    ValueLossOutput,
+    approx_kl,
+    explained_variance,
+    policy_loss,
+    value_loss,
+)
+from salsa_lightning.rl.masked import (
+    masked_count,
+    masked_fill_pad,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+from salsa_lightning.rl.metrics import rollout_metrics, update_metrics
+from salsa_lightning.rl.monitor import KLHackMonitor, kl_hack_detected
+from salsa_lightning.rl.rewards import (
+    ShapedRewards,
+    apply_missing_eos_penalty,
+    check_kl_coef,
+    normalize_scores,
+    shape_rewards,
+)
+from salsa_lightning.rl.sequences import contains_eos, last_token_index, position_ids_from_mask, response_mask
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "GAEOutput",
+    "KLController",
+    "KLHackMonitor",
+    "PolicyLossOutput",
+    "ShapedRewards",
+    "ValueLossOutput",
+    "apply_missing_eos_penalty",
+    "approx_kl",
+    "check_kl_coef",
+    "compute_gae",
+    "contains_eos",
+    "entropy_from_logits",
+    "explained_variance",
+    "get_kl_estimator",
+    "kl_hack_detected",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_penalty",
+    "last_token_index",
+    "logprobs_from_logits",
+    "make_kl_controller",
+    "masked_count",
+    "masked_fill_pad",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "multi_anchor_kl",
+    "normalize_scores",
+    "policy_loss",
+    "position_ids_from_mask",
+    "response_logits",
+    "response_mask",
+    "rollout_metrics",
+    "shape_rewards",
+    "update_metrics",
+    "value_loss",
+]

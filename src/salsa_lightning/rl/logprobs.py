@@ -1,0 +1,73 @@
+"""Token log-probabilities and entropies from logits.
+
+Alignment convention: `logits[:, t]` is the distribution that produced `tokens[:, t]`. A causal LM's
+logits at position i predict token i + 1, so the caller shifts first — `response_logits` below does
+that shift for the usual `[prompt | response]` layout and is the one place it happens.
+
+Temperature: PPO's ratio and KL must use the same distribution the responses were sampled from, so
+generation at temperature τ means log-probs of `logits / τ` (TRL and OpenRLHF do the same).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from salsa_lightning.errors import SalsaError
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise SalsaError(f"The sampling temperature must be > 0 (got {temperature}); set `temperature` to e.g. 1.0.")
+
+
+def response_logits(logits: torch.Tensor, response_length: int) -> torch.Tensor:
+    """The logits that produced the last `response_length` tokens of a `[prompt | response]` sequence.
+
+    `logits`: (B, P + R, ...) from one forward pass over prompt and response. Position i predicts
+    token i + 1, so the response tokens at P .. P+R-1 come from positions P-1 .. P+R-2. Works for any
+    per-position output (logits (B, L, V) or values (B, L)). Returns (B, R, ...).
+    """
+    if not 0 < response_length < logits.shape[1]:
+        raise ValueError(f"response_length must be in [1, {logits.shape[1] - 1}], got {response_length}")
+    return logits[:, -response_length - 1 : -1]
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(tokens[b, t]) under `softmax(logits[b, t] / temperature)`.
+
+    `logits`: (B, T, V), `tokens`: (B, T) int. Returns (B, T) in float32 or the logits' dtype if wider.
+
+    Memory: `log_softmax` saves its own (B, T, V) output for backward, next to the logits the caller
+    already holds; gathering the chosen logit and subtracting `logsumexp` saves only the logits (the
+    caller's tensor at τ = 1, its scaled copy otherwise) and (B, T) results. In float16/bfloat16 the
+    logsumexp loses too much precision, so those dtypes go one sequence at a time in float32 (the extra
+    memory is one (T, V) row, not the batch).
+    """
+    _check_temperature(temperature)
+    if temperature != 1.0:
+        logits = logits / temperature  # (B, T, V); skipped at τ = 1 to avoid the copy
+    idx = tokens.long().unsqueeze(-1)  # (B, T, 1)
+    if logits.dtype in _LOW_PRECISION:
+        rows = [
+            torch.log_softmax(row.float(), dim=-1).gather(-1, i).squeeze(-1) for row, i in zip(logits, idx, strict=True)
+        ]
+        return torch.stack(rows)  # (B, T)
+    chosen = logits.gather(-1, idx).squeeze(-1)  # (B, T)
+    return chosen - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position entropy H = logsumexp(z) - Σ_v softmax(z)_v z_v of `softmax(logits / temperature)`.
+
+    `logits`: (B, T, V); returns (B, T) (float32 for low-precision inputs). Average over real tokens
+    with `masked_mean(entropy, mask)`; padded positions hold meaningless values.
+    """
+    _check_temperature(temperature)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if logits.dtype in _LOW_PRECISION:
+        return torch.stack([entropy_from_logits(row.float().unsqueeze(0))[0] for row in logits])
+    probs = torch.softmax(logits, dim=-1)  # (B, T, V)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
