@@ -5,21 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row, from the mask (never from token ids: pad may equal EOS).
-
-    attention_mask (B, T) of 0/1, any padding side -> (B,) long.
-    """
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)  # (T,)
-    return (positions * attention_mask.long()).argmax(-1)
+from salsa_lightning.rl.sequences import last_token_index
 
 
 def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """values (B, T) or (B, T, 1) -> (B,): the value at each row's last real token."""
     if values.dim() == 3:
         values = values.squeeze(-1)
-    idx = last_token_index(attention_mask)
+    idx = last_token_index(attention_mask).clamp(min=0)  # a row with no real token reads position 0
     return values.gather(1, idx[:, None]).squeeze(1)
 
 

@@ -20,7 +20,7 @@ from salsa_lightning.models.loading import (
     lora_config,
     resolve_model_path,
 )
-from salsa_lightning.reward.losses import last_token_index
+from salsa_lightning.rl.sequences import last_token_index
 from salsa_lightning.stage import read_manifest
 
 
