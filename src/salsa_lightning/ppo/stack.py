@@ -1,0 +1,213 @@
+"""Everything PPO runs a forward pass through — policy, anchors, reward model, critic — in two layouts.
+
+- `FullStack`: the policy and the critic train as full-weight models; every anchor and the reward model
+  are frozen copies (DESIGN §3, full-weight mode).
+- `LoraStack`: ONE frozen base carries named adapters — `policy` (trainable), `init` (the SFT adapter it
+  starts from), `soup`, any MKL anchors, `reward` and `value` — plus two small linear heads. Anchor
+  log-probs come from switching the active adapter, not from a second model, so peak memory stays near
+  one base model plus activations.
+
+Both expose the same methods, so the PPO module never asks which layout it runs on.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.models.loading import (
+    ModelSpec,
+    adapter_base,
+    is_adapter_dir,
+    load_causal_lm,
+    resolve_model_path,
+)
+from salsa_lightning.reward.model import load_reward_model, unwrap
+from salsa_lightning.rl.sequences import last_token_index
+
+
+def _backbone(model):
+    """The transformer trunk (no LM/score head) of a transformers model, through any PEFT wrapper."""
+    inner = unwrap(model)
+    return getattr(inner, inner.base_model_prefix)
+
+
+def _hidden(model, ids, mask, pos) -> torch.Tensor:
+    return _backbone(model)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+
+
+def _last_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    idx = last_token_index(mask).clamp(min=0)  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
+
+
+def _merged_causal_lm(path: str, spec: ModelSpec, trainable: bool):
+    """A full-weight causal LM from a full directory or an adapter (merged into its base)."""
+    model = load_causal_lm(ModelSpec(**{**spec.__dict__, "name_or_path": path, "lora": None}), trainable=trainable)
+    if is_adapter_dir(resolve_model_path(path)):
+        model = model.merge_and_unload()
+        model.requires_grad_(trainable)
+    return model
+
+
+class FullStack(nn.Module):
+    layout = "full"
+
+    def __init__(self, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str, value_head: str):
+        super().__init__()
+        self.policy = _merged_causal_lm(policy_init, spec, trainable=True)
+        self.anchors = nn.ModuleDict()
+        for name, path in anchors.items():
+            model = copy.deepcopy(self.policy) if path == policy_init else _merged_causal_lm(path, spec, trainable=False)
+            self.anchors[name] = model.requires_grad_(False)
+        reward_spec = ModelSpec(**{**spec.__dict__, "name_or_path": reward, "lora": None})
+        pad = self.policy.config.pad_token_id
+        self.reward = _merge_if_peft(load_reward_model(reward_spec, trainable=False, pad_token_id=pad)).requires_grad_(False)
+        self.value = _merge_if_peft(load_reward_model(reward_spec, trainable=True, pad_token_id=pad)).requires_grad_(True)
+        if value_head == "reinit":
+            nn.init.zeros_(unwrap(self.value).score.weight)
+
+    def generate(self, **kwargs) -> torch.Tensor:
+        return self.policy.generate(**kwargs)
+
+    def policy_logits(self, ids, mask, pos) -> torch.Tensor:
+        return self.policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+
+    def anchor_logits(self, name: str, ids, mask, pos) -> torch.Tensor:
+        return self.anchors[name](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+
+    def reward_scores(self, ids, mask) -> torch.Tensor:
+        pos = _positions(mask)
+        return unwrap(self.reward).score(_last_hidden(_hidden(self.reward, ids, mask, pos), mask)).squeeze(-1).float()
+
+    def values(self, ids, mask, pos) -> torch.Tensor:
+        return unwrap(self.value).score(_hidden(self.value, ids, mask, pos)).squeeze(-1).float()  # (B, L)
+
+    def policy_to_save(self):
+        return self.policy
+
+
+def _merge_if_peft(model):
+    from peft import PeftModel
+
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    from salsa_lightning.rl.sequences import position_ids_from_mask
+
+    return position_ids_from_mask(mask)
+
+
+class LoraStack(nn.Module):
+    layout = "lora"
+
+    def __init__(self, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str, value_head: str):
+        super().__init__()
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from salsa_lightning.models.loading import _from_pretrained
+
+        sources = {"policy": policy_init, **anchors, "reward": reward}
+        for name, path in sources.items():
+            if not is_adapter_dir(resolve_model_path(path)):
+                raise SalsaError(
+                    f"The LoRA layout needs every model as an adapter on one base, but {name} ({path}) holds full "
+                    "weights; use `layout: full`, or train that stage with LoRA."
+                )
+        bases = {name: str(Path(resolve_model_path(adapter_base(resolve_model_path(p)))).resolve()) for name, p in sources.items()}
+        if len(set(bases.values())) > 1:
+            raise SalsaError(
+                f"The LoRA layout needs one shared base, but the adapters sit on different bases: {bases}; "
+                "train every stage from the same base model."
+            )
+        base = _from_pretrained(AutoModelForCausalLM, adapter_base(resolve_model_path(policy_init)), spec)
+        base.requires_grad_(False)
+        self.model = PeftModel.from_pretrained(base, resolve_model_path(policy_init), adapter_name="policy", is_trainable=True)
+        for name, path in anchors.items():
+            self.model.load_adapter(resolve_model_path(path), adapter_name=name, is_trainable=False)
+        hidden = base.config.hidden_size
+        self.reward_head = nn.Linear(hidden, 1, bias=False).requires_grad_(False)
+        self.value_head = nn.Linear(hidden, 1, bias=False)
+        self._add_scoring_adapter("reward", reward, self.reward_head)
+        self._add_scoring_adapter("value", reward, self.value_head)
+        if value_head == "reinit":
+            nn.init.zeros_(self.value_head.weight)
+        self.value_head.requires_grad_(True)
+        self._trainable = {"policy", "value"}
+        self._set_flags()
+
+    def _add_scoring_adapter(self, name: str, path: str, head: nn.Linear) -> None:
+        """A sequence-classification adapter (reward stage output) split into a LoRA adapter on the causal-LM
+        base and its `score` head: the backbones are the same module, only the top differs."""
+        from peft import LoraConfig, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = resolve_model_path(path)
+        saved = LoraConfig.from_pretrained(path)
+        cfg = LoraConfig(
+            r=saved.r,
+            lora_alpha=saved.lora_alpha,
+            target_modules=saved.target_modules,
+            rank_pattern=saved.rank_pattern,
+            alpha_pattern=saved.alpha_pattern,
+            use_rslora=saved.use_rslora,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
+        self.model.add_adapter(name, cfg)
+        weights = load_file(str(Path(path) / "adapter_model.safetensors"))
+        score = [k for k in weights if k.endswith("score.weight")]
+        if len(score) != 1:
+            raise SalsaError(f"{path} holds no reward head (`score.weight`); pass a reward stage output.")
+        head.weight.data.copy_(weights.pop(score[0]).to(head.weight.dtype))
+        result = set_peft_model_state_dict(self.model, weights, adapter_name=name)
+        if result.unexpected_keys:
+            raise SalsaError(f"The reward adapter {path} does not fit the policy's base model; retrain it on that base.")
+
+    def _set_flags(self) -> None:
+        # PEFT's set_adapter makes only the active adapter trainable; PPO trains two at once.
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(any(f".{a}." in n for a in self._trainable) and "lora_" in n)
+
+    def _use(self, name: str) -> None:
+        if self.model.active_adapter != name:
+            self.model.set_adapter(name)
+            self._set_flags()
+
+    def generate(self, **kwargs) -> torch.Tensor:
+        self._use("policy")
+        return self.model.generate(**kwargs)
+
+    def policy_logits(self, ids, mask, pos) -> torch.Tensor:
+        self._use("policy")
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+
+    def anchor_logits(self, name: str, ids, mask, pos) -> torch.Tensor:
+        self._use(name)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+
+    def reward_scores(self, ids, mask) -> torch.Tensor:
+        self._use("reward")
+        hidden = _hidden(self.model, ids, mask, _positions(mask))
+        return self.reward_head(_last_hidden(hidden, mask).to(self.reward_head.weight.dtype)).squeeze(-1).float()
+
+    def values(self, ids, mask, pos) -> torch.Tensor:
+        self._use("value")
+        return self.value_head(_hidden(self.model, ids, mask, pos).to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def policy_to_save(self):
+        self._use("policy")
+        return self.model
+
+
+def build_stack(layout: str, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str, value_head: str):
+    if layout == "auto":
+        layout = "lora" if is_adapter_dir(resolve_model_path(policy_init)) and is_adapter_dir(resolve_model_path(reward)) else "full"
+    cls = {"full": FullStack, "lora": LoraStack}[layout]
+    return cls(spec, policy_init, anchors, reward, value_head)
