@@ -85,3 +85,37 @@ def reward_args(model: str, data: str, output_dir: str | None, *extra: str) -> l
     if output_dir is not None:
         args.append(f"--model.output_dir={output_dir}")
     return args + list(extra)
+
+
+def fraction_of_a(prompts: list, responses: list[str]) -> list[float]:
+    """A dense programmatic reward a tiny model can learn fast: the share of response characters that are 'a'."""
+    return [r.count("a") / max(len(r), 1) for r in responses]
+
+
+def nan_reward(prompts: list, responses: list[str]) -> list[float]:
+    return [float("nan")] * len(responses)
+
+
+def ppo_args(policy: str, prompts: str, *extra: str, reward: str | None = None, reward_fn: str | None = None) -> list[str]:
+    args = [
+        "fit",
+        "--model=salsa_lightning.modules.ppo.PPOModule",
+        f"--model.policy_init={policy}",
+        "--model.ppo.mini_batch_size=4",
+        "--model.generation.max_new_tokens=8",
+        "--model.sample_table_every=0",
+        "--data=salsa_lightning.data.prompts.PromptDataModule",
+        f"--data.data={prompts}",
+        "--data.batch_size=8",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--seed_everything=3",
+    ]
+    if reward is not None:
+        args.append(f"--model.reward_model={reward}")
+    if reward_fn is not None:
+        args.append(f"--model.reward_fn={reward_fn}")
+    return args + list(extra)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from jsonargparse import lazy_instance
@@ -74,6 +74,13 @@ class SalsaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One source of truth for the tokenizer: the model's. Data modules receive it at instantiation.
         parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=_tokenizer_of, apply_on="instantiate")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        # `--trainer.enable_progress_bar false` must also drop our default Rich bar, or Lightning refuses to start
+        if config.get("enable_progress_bar") is False:
+            defaults = self.trainer_defaults.get("callbacks", [])
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": [c for c in defaults if not isinstance(c, ProgressBar)]}
+        return super()._instantiate_trainer(config, callbacks)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)

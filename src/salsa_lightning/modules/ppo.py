@@ -94,7 +94,8 @@ class PPOModule(L.LightningModule):
     def __init__(
         self,
         policy_init: str,
-        reward_model: str,
+        reward_model: str | None = None,
+        reward_fn: str | None = None,
         anchor: str | list[str] = "init",
         soup: str | None = None,
         layout: Literal["auto", "full", "lora"] = "auto",
@@ -112,6 +113,9 @@ class PPOModule(L.LightningModule):
         Args:
             policy_init: The SFT stage output the policy starts from (seed 1: the paper's π_ref).
             reward_model: The reward stage output; the critic starts from it too.
+            reward_fn: Instead of a reward model, a programmatic reward "module:function" called as
+                f(prompts: list of message lists, responses: list[str]) -> list[float] (e.g. a gold judge);
+                the critic then starts from the policy with a zero head.
             anchor: `init` (PPO), `soup` (SALSA), or a list of model directories (MKL: mean of the per-anchor KLs).
             soup: The soup stage output: the SALSA anchor, and for every run the model `objective/kl_soup` is
                 measured against (reviewers asked for KL to both init and soup).
@@ -135,7 +139,10 @@ class PPOModule(L.LightningModule):
         self.optim = optim or OptimSpec(lr=2e-6, warmup_ratio=0.0, schedule="linear")
         self.kl_hack = kl_hack or KLHackSpec()
         self.spec = model or ModelSpec()
+        if (reward_model is None) == (reward_fn is None):
+            raise SalsaError("Set exactly one of `reward_model` (a reward stage output) and `reward_fn` (module:function).")
         self.policy_init, self.reward_model, self.soup, self.layout = policy_init, reward_model, soup, layout
+        self.reward_fn = _import_callable(reward_fn) if reward_fn else None
         self.value_head, self.sample_table_every, self.overwrite = value_head, sample_table_every, overwrite
         self.output_dir = format_output_dir(output_dir)
         if self.output_dir is not None:
@@ -145,6 +152,8 @@ class PPOModule(L.LightningModule):
         self.tokenizer = load_tokenizer(ModelSpec(**{**self.spec.__dict__, "name_or_path": policy_init}), padding_side="left")
         self._check_tokenizers()
         self.stack = None
+        # PPO keeps every model in eval mode (no dropout) on purpose; Lightning would warn about it at fit start
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         self.kl_ctl = rl.make_kl_controller(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
         self.monitor = rl.KLHackMonitor(self.kl_hack.min_fraction, patience=self.kl_hack.patience)
         self.nonfinite_in_a_row = 0
@@ -186,7 +195,7 @@ class PPOModule(L.LightningModule):
     def _check_tokenizers(self) -> None:
         vocab = self.tokenizer.get_vocab()
         for name, path in {**self.anchor_paths, "reward": self.reward_model}.items():
-            if path == self.policy_init:
+            if path is None or path == self.policy_init:
                 continue
             other = load_tokenizer(ModelSpec(**{**self.spec.__dict__, "name_or_path": path}))
             if other.get_vocab() != vocab:
@@ -280,6 +289,8 @@ class PPOModule(L.LightningModule):
 
     def _score(self, messages: list, texts: list[str]) -> torch.Tensor:
         """Reward of each response, rendered with the chat template exactly as the reward stage trained on."""
+        if self.reward_fn is not None:
+            return torch.tensor([float(x) for x in self.reward_fn(messages, texts)], device=self.device)
         seqs = [
             self.tokenizer(self.tokenizer.apply_chat_template(conversation(m, t), tokenize=False), add_special_tokens=False)["input_ids"]
             for m, t in zip(messages, texts)
@@ -416,6 +427,19 @@ class PPOModule(L.LightningModule):
         extra = {"history.json": json.dumps(self.history, indent=1)}
         path = save_ppo_policy(self.output_dir, policy, self.tokenizer, manifest, self.resolved_config, self.overwrite, extra)
         rank_zero_info(f"PPO policy written to {path}")
+
+
+def _import_callable(ref: str):
+    import importlib
+
+    module, _, name = ref.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise SalsaError(f"Cannot import reward_fn {ref!r} ({err}); give it as `package.module:function`.") from err
+    if not callable(fn):
+        raise SalsaError(f"reward_fn {ref!r} is not callable; point it at a function.")
+    return fn
 
 
 def save_ppo_policy(output_dir, policy, tokenizer, manifest, resolved_config, overwrite, extra):

@@ -57,18 +57,20 @@ def _merged_causal_lm(path: str, spec: ModelSpec, trainable: bool):
 class FullStack(nn.Module):
     layout = "full"
 
-    def __init__(self, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str, value_head: str):
+    def __init__(self, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str | None, value_head: str):
         super().__init__()
         self.policy = _merged_causal_lm(policy_init, spec, trainable=True)
         self.anchors = nn.ModuleDict()
         for name, path in anchors.items():
             model = copy.deepcopy(self.policy) if path == policy_init else _merged_causal_lm(path, spec, trainable=False)
             self.anchors[name] = model.requires_grad_(False)
-        reward_spec = ModelSpec(**{**spec.__dict__, "name_or_path": reward, "lora": None})
         pad = self.policy.config.pad_token_id
-        self.reward = _merge_if_peft(load_reward_model(reward_spec, trainable=False, pad_token_id=pad)).requires_grad_(False)
+        reward_spec = ModelSpec(**{**spec.__dict__, "name_or_path": reward or policy_init, "lora": None})
+        if reward is not None:
+            self.reward = _merge_if_peft(load_reward_model(reward_spec, trainable=False, pad_token_id=pad)).requires_grad_(False)
+        # the critic starts from the reward model, or (programmatic reward) from the policy's own weights
         self.value = _merge_if_peft(load_reward_model(reward_spec, trainable=True, pad_token_id=pad)).requires_grad_(True)
-        if value_head == "reinit":
+        if value_head == "reinit" or reward is None:
             nn.init.zeros_(unwrap(self.value).score.weight)
 
     def generate(self, **kwargs) -> torch.Tensor:
@@ -106,14 +108,14 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 class LoraStack(nn.Module):
     layout = "lora"
 
-    def __init__(self, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str, value_head: str):
+    def __init__(self, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str | None, value_head: str):
         super().__init__()
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
         from salsa_lightning.models.loading import _from_pretrained
 
-        sources = {"policy": policy_init, **anchors, "reward": reward}
+        sources = {"policy": policy_init, **anchors, **({"reward": reward} if reward is not None else {})}
         for name, path in sources.items():
             if not is_adapter_dir(resolve_model_path(path)):
                 raise SalsaError(
@@ -134,9 +136,12 @@ class LoraStack(nn.Module):
         hidden = base.config.hidden_size
         self.reward_head = nn.Linear(hidden, 1, bias=False).requires_grad_(False)
         self.value_head = nn.Linear(hidden, 1, bias=False)
-        self._add_scoring_adapter("reward", reward, self.reward_head)
-        self._add_scoring_adapter("value", reward, self.value_head)
-        if value_head == "reinit":
+        if reward is not None:
+            self._add_scoring_adapter("reward", reward, self.reward_head)
+            self._add_scoring_adapter("value", reward, self.value_head)
+        else:  # programmatic reward: the critic starts from the policy's adapter with a zero head
+            self.model.load_adapter(resolve_model_path(policy_init), adapter_name="value", is_trainable=True)
+        if value_head == "reinit" or reward is None:
             nn.init.zeros_(self.value_head.weight)
         self.value_head.requires_grad_(True)
         self._trainable = {"policy", "value"}
@@ -206,8 +211,9 @@ class LoraStack(nn.Module):
         return self.model
 
 
-def build_stack(layout: str, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str, value_head: str):
+def build_stack(layout: str, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str | None, value_head: str):
     if layout == "auto":
-        layout = "lora" if is_adapter_dir(resolve_model_path(policy_init)) and is_adapter_dir(resolve_model_path(reward)) else "full"
+        adapters = [policy_init, *anchors.values(), *([reward] if reward else [])]
+        layout = "lora" if all(is_adapter_dir(resolve_model_path(p)) for p in adapters) else "full"
     cls = {"full": FullStack, "lora": LoraStack}[layout]
     return cls(spec, policy_init, anchors, reward, value_head)

@@ -72,7 +72,10 @@ def load_reward_model(spec: ModelSpec, trainable: bool = True, pad_token_id: int
         if stage == "reward":
             model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
         elif spec.lora is None:
-            model = PeftModel.from_pretrained(base, path).merge_and_unload()
+            # a causal-LM adapter on a sequence-classification base: load it task-agnostic, then merge
+            cfg = LoraConfig.from_pretrained(path)
+            cfg.task_type = None
+            model = PeftModel.from_pretrained(base, path, config=cfg).merge_and_unload()
         else:
             sft_cfg = LoraConfig.from_pretrained(path)
             cfg = LoraConfig(

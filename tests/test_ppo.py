@@ -1,0 +1,192 @@
+"""The PPO stage: layouts agree, anchors reduce to each other where the math says so, training moves the
+reward, resume is exact, outputs reload, and bad input is refused clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import addition_conversations, addition_preferences, ppo_args, reward_args, sft_args, write_jsonl
+
+from salsa_lightning.cli import cli_main, main
+from salsa_lightning.models.loading import ModelSpec
+from salsa_lightning.stage import MANIFEST_NAME
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_dir, tmp_path_factory):
+    """Tiny LoRA SFT seeds 1 and 2, a LoRA reward model, and RL prompts: the inputs of a PPO run."""
+    root = tmp_path_factory.mktemp("ppo-pipeline")
+    sft = write_jsonl(root / "sft.jsonl", addition_conversations(48))
+    prefs = write_jsonl(root / "prefs.jsonl", addition_preferences(48))
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(16, seed=9)])
+    for seed in (1, 2):
+        main(sft_args(str(tiny_model_dir), str(sft), str(root / f"sft{seed}"), "--trainer.max_steps=3", "--model.model.lora.r=4",
+                      "--model.optim.lr=1e-2", f"--seed_everything={seed}"))  # fmt: skip
+    main(reward_args(str(root / "sft1"), str(prefs), str(root / "rm"), "--trainer.max_steps=4", "--model.model.lora.r=4", "--model.optim.lr=1e-2"))
+    shutil.copytree(root / "sft1", root / "sft1-copy")  # the same weights under another path (an independent anchor)
+    return root
+
+
+def run(pipeline: Path, *extra: str, reward: bool = True, **kwargs):
+    return cli_main(
+        ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), *extra,
+                 reward=str(pipeline / "rm") if reward else None, **kwargs)  # fmt: skip
+    )
+
+
+def curves(cli) -> list[dict[str, float]]:
+    return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in cli.model.history]
+
+
+def assert_same_curves(a, b, rel=1e-5):
+    assert len(a) == len(b) and a
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=rel, abs=1e-6), k
+
+
+def test_layouts_give_the_same_numbers(pipeline):
+    from salsa_lightning.ppo.stack import FullStack, LoraStack
+    from salsa_lightning.rl.sequences import position_ids_from_mask
+
+    anchors = {"init": str(pipeline / "sft1"), "soup": str(pipeline / "sft2")}
+    args = (ModelSpec(dtype="float32"), str(pipeline / "sft1"), anchors, str(pipeline / "rm"), "copy")
+    full, lora = FullStack(*args).eval(), LoraStack(*args).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[2, :2] = 0
+    pos = position_ids_from_mask(mask)
+    with torch.no_grad():
+        torch.testing.assert_close(full.policy_logits(ids, mask, pos), lora.policy_logits(ids, mask, pos), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(full.anchor_logits("soup", ids, mask, pos), lora.anchor_logits("soup", ids, mask, pos), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(full.reward_scores(ids, mask), lora.reward_scores(ids, mask), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(full.values(ids, mask, pos), lora.values(ids, mask, pos), atol=1e-4, rtol=1e-4)
+    # only the policy and the critic train in the LoRA layout; the base and the other adapters are frozen
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all(".policy." in n or ".value." in n or n.startswith("value_head") for n in trainable)
+
+
+def test_soup_of_identical_seeds_equals_init_step_for_step(pipeline):
+    steps = ("--trainer.max_epochs=2", "--model.optim.lr=1e-2")
+    ppo = run(pipeline, *steps, "--model.anchor=init", f"--model.soup={pipeline / 'sft1-copy'}")
+    salsa = run(pipeline, *steps, "--model.anchor=soup", f"--model.soup={pipeline / 'sft1-copy'}")
+    assert_same_curves(curves(ppo), curves(salsa))
+    assert any(h["objective/kl"] > 0 for h in curves(ppo))  # the policy moved, so the match is not vacuous
+
+
+def test_mkl_over_one_anchor_equals_ppo(pipeline):
+    steps = ("--trainer.max_epochs=2", "--model.optim.lr=1e-2")
+    ppo = run(pipeline, *steps, "--model.anchor=init")
+    mkl = run(pipeline, *steps, f"--model.anchor=[{pipeline / 'sft1-copy'}]")
+    a, b = curves(ppo), curves(mkl)
+    for h in a + b:
+        h.pop("objective/kl_init", None)
+    assert_same_curves(a, b)
+
+
+def test_mkl_is_the_mean_of_the_anchor_kls(pipeline):
+    cli = run(pipeline, "--trainer.max_steps=1", f"--model.anchor=[{pipeline / 'sft1'},{pipeline / 'sft2'}]", f"--model.soup={pipeline / 'sft2'}")
+    h = cli.model.history[0]
+    # KL to sft1 (init) is 0 at the first rollout, so the mean over the two anchors is half the KL to sft2 (soup)
+    assert h["objective/kl"] == pytest.approx((h["objective/kl_init"] + h["objective/kl_soup"]) / 2, rel=1e-4, abs=1e-6)
+
+
+def test_output_reloads_with_peft_and_logs_both_kls(pipeline, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "salsa"
+    cli = run(pipeline, "--trainer.max_epochs=1", "--model.optim.lr=1e-2", "--model.anchor=soup",
+              f"--model.soup={pipeline / 'sft2'}", f"--model.output_dir={out}")  # fmt: skip
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["stage"] == "salsa" and manifest["format"] == "lora"
+    history = json.loads((out / "history.json").read_text())
+    required = ["objective/kl", "objective/kl_init", "objective/kl_soup", "objective/scores", "objective/non_score_reward",
+                "objective/rlhf_reward", "objective/entropy", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+                "loss/value_avg", "val/clipfrac_avg", "val/explained_variance", "val/num_eos_tokens", "response_length", "kl_coef"]  # fmt: skip
+    assert all(k in history[0] for k in required), set(required) - set(history[0])
+
+    base = AutoModelForCausalLM.from_pretrained(json.loads((pipeline / "sft1" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    reloaded = PeftModel.from_pretrained(base, out).eval()
+    ids = torch.randint(3, 300, (2, 10))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = cli.model.stack.policy_logits(ids, mask, None)
+        theirs = reloaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(pipeline, tmp_path):
+    common = ("--model.optim.lr=1e-2", "--trainer.enable_checkpointing=true", "--trainer.limit_train_batches=1")
+    whole = run(pipeline, *common, "--trainer.max_epochs=3", f"--trainer.default_root_dir={tmp_path / 'a'}")
+    run(pipeline, *common, "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path / 'b'}")  # "killed" after epoch 2
+    ckpt = next((tmp_path / "b").rglob("*.ckpt"))
+    resumed = run(pipeline, *common, "--trainer.max_epochs=3", f"--trainer.default_root_dir={tmp_path / 'c'}", f"--ckpt_path={ckpt}")
+    a = {n: p for n, p in whole.model.stack.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.stack.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], msg=n)
+    assert_same_curves(curves(whole), curves(resumed))
+
+
+def test_kl_hack_monitor_stops_training(pipeline):
+    # every response hits max_new_tokens; a threshold above 100% of the start makes the second update "collapse"
+    cli = run(pipeline, "--trainer.max_epochs=5", "--model.kl_hack.min_fraction=1.5", "--model.kl_hack.action=stop", "--model.kl_hack.patience=1")
+    assert len(cli.model.history) < 10
+
+
+def run_fails(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    return " ".join(capsys.readouterr().err.split())
+
+
+def test_negative_beta_is_refused(pipeline, capsys):
+    args = ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), "--model.ppo.kl_coef=-0.1", reward=str(pipeline / "rm"))
+    assert "kl_coef" in run_fails(args, capsys) or "β" in run_fails(args, capsys)
+
+
+def test_anchor_with_another_tokenizer_is_refused(pipeline, tmp_path, capsys):
+    from salsa_lightning.models.tiny import make_tiny_model, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer(vocab_size=300)
+    make_tiny_model(tok).save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    args = ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), f"--model.anchor=[{tmp_path / 'other'}]", reward=str(pipeline / "rm"))
+    assert "different tokenizer" in run_fails(args, capsys)
+
+
+def test_soup_without_the_policy_seed_warns(pipeline, tmp_path):
+    soup = tmp_path / "soup"
+    shutil.copytree(pipeline / "sft2", soup)
+    (soup / MANIFEST_NAME).write_text(json.dumps({"stage": "soup", "inputs": [{"path": str(pipeline / "sft2")}]}))
+    with pytest.warns(UserWarning, match="not made from the policy's starting model"):
+        run(pipeline, "--trainer.max_steps=1", "--model.anchor=soup", f"--model.soup={soup}")
+
+
+def test_long_prompts_are_left_truncated_and_counted(tiny_tokenizer, tmp_path):
+    from salsa_lightning.data.prompts import PromptDataModule
+
+    rows = [{"prompt": "word " * 100 + "What is 2 + 3?"}, {"prompt": "What is 1 + 1?"}]
+    dm = PromptDataModule(str(write_jsonl(tmp_path / "p.jsonl", rows)), tiny_tokenizer, max_prompt_length=24)
+    with pytest.warns(UserWarning, match="longer than max_prompt_length"):
+        dm.setup()
+    assert dm.truncated == 1 and len(dm.rows[0]["input_ids"]) == 24
+    assert tiny_tokenizer.decode(dm.rows[0]["input_ids"]).endswith("<|im_start|>assistant\n")
+
+
+def test_nan_rewards_skip_updates_then_stop(pipeline, capsys):
+    args = ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), "--trainer.max_epochs=5",
+                    "--model.ppo.max_nonfinite_in_a_row=2", reward_fn="helpers:nan_reward")  # fmt: skip
+    with pytest.warns(UserWarning, match="Skipped a PPO update"):
+        msg = run_fails(args, capsys)
+    assert "2 PPO updates in a row had NaN/inf" in msg
