@@ -84,10 +84,18 @@ class LoraSoup:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / ADAPTER_CONFIG).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(self.config, indent=2, sort_keys=True, default=_jsonable)
+        (directory / ADAPTER_CONFIG).write_text(text + "\n")
         save_file(
             {k: v.contiguous() for k, v in self.state_dict.items()}, directory / ADAPTER_WEIGHTS, {"format": "pt"}
         )
+
+
+def _jsonable(value: Any) -> Any:
+    """Sets and enums as found in a live `LoraConfig.to_dict()` (the PPO path), as PEFT writes them."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return getattr(value, "value", str(value))
 
 
 def load_lora_adapter(path: str | Path) -> LoraAdapter:
@@ -137,7 +145,8 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor
 def _split(adapter: LoraAdapter) -> tuple[dict[str, _Module], dict[str, torch.Tensor]]:
     """LoRA modules (by module name inside the base model) and the other tensors (modules_to_save etc.)."""
     cfg = adapter.config
-    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+    peft_type = cfg.get("peft_type", "LORA")
+    if str(getattr(peft_type, "value", peft_type)).upper() != "LORA":  # a PeftType enum in a live config
         raise SalsaError(f"{adapter.name} is a {cfg.get('peft_type')} adapter; the soup handles LoRA adapters only.")
     if cfg.get("use_dora"):
         raise SalsaError(
