@@ -118,6 +118,8 @@ class _Module:
     b: torch.Tensor  # (out, r) or (out, r, *1)
     scaling: float
     rank: int
+    a_key: str
+    b_key: str
 
 
 def _pattern_value(pattern: dict[str, Any] | None, module: str, default: Any) -> Any:
@@ -155,12 +157,12 @@ def _split(adapter: LoraAdapter) -> tuple[dict[str, _Module], dict[str, torch.Te
         )
     if cfg.get("lora_bias"):
         raise SalsaError(f"{adapter.name} trains LoRA biases (`lora_bias: true`), which the soup does not handle yet.")
-    a_parts, b_parts, other = {}, {}, {}
+    a_parts, b_parts, other = {}, {}, {}  # module path -> (key, tensor)
     for key, t in adapter.state_dict.items():
         if key.endswith(_A_SUFFIXES):
-            a_parts[key.rsplit(".lora_", 1)[0]] = t
+            a_parts[key.rsplit(".lora_", 1)[0]] = (key, t)
         elif key.endswith(_B_SUFFIXES):
-            b_parts[key.rsplit(".lora_", 1)[0]] = t
+            b_parts[key.rsplit(".lora_", 1)[0]] = (key, t)
         elif "lora_magnitude_vector" in key:
             raise SalsaError(f"{adapter.name} holds DoRA magnitudes ({key}); soup plain LoRA adapters.")
         else:
@@ -170,14 +172,14 @@ def _split(adapter: LoraAdapter) -> tuple[dict[str, _Module], dict[str, torch.Te
     modules = {}
     for path in sorted(a_parts):
         name = path[len(_PEFT_PREFIX) :] if path.startswith(_PEFT_PREFIX) else path
-        a, b = a_parts[path], b_parts[path]
+        (a_key, a), (b_key, b) = a_parts[path], b_parts[path]
         r, s = lora_scaling(cfg, name)
         if a.shape[0] != r or b.shape[1] != r:
             raise SalsaError(
                 f"{adapter.name}: module {name} has rank {a.shape[0]} in its tensors but {r} in its config; "
                 "re-save the adapter with PEFT."
             )
-        modules[path] = _Module(a, b, s, r)
+        modules[path] = _Module(a, b, s, r, a_key, b_key)
     return modules, other
 
 
@@ -275,14 +277,8 @@ def soup_lora_adapters(
     names = {path: (path[len(_PEFT_PREFIX) :] if path.startswith(_PEFT_PREFIX) else path) for path in mods0}
 
     out_sd: dict[str, torch.Tensor] = {}
-    a_key = {
-        path: next(k for k in adapters[0].state_dict if k.startswith(path + ".lora_") and k.endswith(_A_SUFFIXES))
-        for path in mods0
-    }
-    b_key = {
-        path: next(k for k in adapters[0].state_dict if k.startswith(path + ".lora_") and k.endswith(_B_SUFFIXES))
-        for path in mods0
-    }
+    a_key = {path: m.a_key for path, m in mods0.items()}
+    b_key = {path: m.b_key for path, m in mods0.items()}
     if combination == "cat":
         ranks = {}
         for path in mods0:
