@@ -329,6 +329,7 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:
         ("weights_count", "2 weights were given for 3 inputs"),
         ("negative", "allow_extrapolation"),
         ("sum", "not 1"),
+        ("merge", "applies to LoRA adapters"),
     ],
 )
 def test_bad_full_inputs_fail_cleanly(tmp_path, full_seeds, lora_seeds, tiny_tokenizer, case, match):
@@ -356,9 +357,10 @@ def test_bad_full_inputs_fail_cleanly(tmp_path, full_seeds, lora_seeds, tiny_tok
         inputs = [a, str(lora_seeds[0])]
     else:
         inputs = [str(p) for p in full_seeds]
-        weights = {"weights_count": [0.5, 0.5], "negative": [1.2, -0.1, -0.1], "sum": [0.5, 0.5, 0.5]}[case]
+        weights = {"weights_count": [0.5, 0.5], "negative": [1.2, -0.1, -0.1], "sum": [0.5, 0.5, 0.5]}.get(case)
     out = tmp_path / "soup"
-    _assert_failed_cleanly(tmp_path, out, match, SoupConfig(inputs=inputs, weights=weights, output_dir=str(out)))
+    cfg = SoupConfig(inputs=inputs, weights=weights, output_dir=str(out), merge=case == "merge")
+    _assert_failed_cleanly(tmp_path, out, match, cfg)
 
 
 def test_output_dir_rules(tmp_path, full_seeds):

@@ -50,7 +50,9 @@ def run_soup(cfg: SoupConfig, quiet: bool = False) -> dict[str, Any]:
     if len(inputs) == 1:
         notes.append("one input: the soup is that model (weight 1)")
         console.print(f"[yellow]Only one input: the soup is {inputs[0].path} itself.[/yellow]")
-    if fmt == "lora" and cfg.merge is False and cfg.lora_combination == "approx_average":
+    if fmt == "full" and cfg.merge:
+        raise SalsaError("`merge: true` applies to LoRA adapters, but the inputs are full weights; set `merge: false`.")
+    if fmt == "lora" and cfg.lora_combination == "approx_average":
         console.print("[yellow]lora_combination=approx_average is NOT the soup (it adds cross terms).[/yellow]")
 
     manifest: dict[str, Any] = {
