@@ -6,6 +6,8 @@ import json
 import random
 from pathlib import Path
 
+from lightning.pytorch.callbacks import Callback
+
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -119,3 +121,14 @@ def ppo_args(policy: str, prompts: str, *extra: str, reward: str | None = None, 
     if reward_fn is not None:
         args.append(f"--model.reward_fn={reward_fn}")
     return args + list(extra)
+
+
+class KillAfterEpochs(Callback):
+    """Stands in for a killed job: stops the run (after the epoch-end checkpoint) with the config unchanged."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True

@@ -121,6 +121,16 @@ def _has_omegaconf() -> bool:
     return importlib.util.find_spec("omegaconf") is not None
 
 
+def _enable_attribute_docstrings() -> None:
+    # dataclass field docstrings (a string under each field) become `--help` text
+    try:
+        from jsonargparse import set_parsing_settings
+
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    except (ImportError, TypeError):  # older jsonargparse: help text without field docs
+        pass
+
+
 def cli_main(args: list[str] | None = None, **kwargs: Any) -> SalsaCLI:
     """Run the CLI with `args` (default: sys.argv[1:]); callable from tests and notebooks.
 
@@ -128,6 +138,7 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> SalsaCLI:
     """
     import salsa_lightning.commands  # noqa: F401  (registers the extra subcommands)
 
+    _enable_attribute_docstrings()
     return SalsaCLI(args=args, **kwargs)
 
 

@@ -2,5 +2,9 @@
 
 from salsa_lightning.cli import register_command
 
-# Filled in by the stages that provide them (data generation, soup, evaluation, landscape).
-__all__ = ["register_command"]
+register_command(
+    "soup",
+    config="salsa_lightning.soup.config:SoupConfig",
+    run="salsa_lightning.soup.run:run_soup",
+    help="Average several SFT seeds (full weights, or LoRA adapters exactly) into a model soup.",
+)

@@ -102,10 +102,18 @@ def resolve_model_path(name_or_path: str) -> str:
                 f"{name_or_path} is not a model directory (no config.json or adapter_config.json); "
                 "pass a stage output or an HF-format model directory."
             )
-        return str(path)
+        return str(path.resolve())  # absolute: adapter configs and manifests must work from any directory
     if _looks_like_path(name_or_path):
         raise SalsaError(f"The model directory {name_or_path} does not exist; check the path (or run the stage that writes it).")
     return name_or_path
+
+
+def canonical_model_ref(name_or_path: str) -> str:
+    """How a manifest records a model: `embedded:` names and Hub ids as given, local directories absolute."""
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
 
 
 def is_adapter_dir(path: str) -> bool:

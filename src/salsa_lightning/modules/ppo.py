@@ -18,7 +18,14 @@ from salsa_lightning import rl
 from salsa_lightning.data.collate import pad_sequences
 from salsa_lightning.data.preferences import conversation
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models.loading import ModelSpec, load_tokenizer, resolve_model_path
+from salsa_lightning.models.loading import (
+    ModelSpec,
+    adapter_base,
+    canonical_model_ref,
+    is_adapter_dir,
+    load_tokenizer,
+    resolve_model_path,
+)
 from salsa_lightning.modules.common import OptimSpec, current_seed, format_output_dir, save_stage_output, scalar_metrics
 from salsa_lightning.ppo.stack import build_stack
 from salsa_lightning.stage import check_output_dir, read_manifest
@@ -157,6 +164,7 @@ class PPOModule(L.LightningModule):
         self.kl_ctl = rl.make_kl_controller(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
         self.monitor = rl.KLHackMonitor(self.kl_hack.min_fraction, patience=self.kl_hack.patience)
         self.nonfinite_in_a_row = 0
+        self.updates_done = 0
         self.resolved_config: str | None = None
         self.history: list[dict[str, float]] = []
 
@@ -206,7 +214,12 @@ class PPOModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.stack is None:
-            self.stack = build_stack(self.layout, self.spec, self.policy_init, self.anchor_paths, self.reward_model, self.value_head)
+            # PEFT draws random initial LoRA weights before loading saved ones; fork the RNG so that which
+            # anchors are loaded never changes the rollouts (PPO and SALSA runs then share sampling noise)
+            with torch.random.fork_rng(devices=[]):
+                self.stack = build_stack(
+                    self.layout, self.spec, self.policy_init, self.anchor_paths, self.reward_model, self.value_head
+                )
             self.stack.eval()  # no dropout: rollout and update log-probs must come from the same function
 
     def configure_optimizers(self):
@@ -308,6 +321,9 @@ class PPOModule(L.LightningModule):
     # ---------------------------------------------------------------- update
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.stack.eval()  # Lightning switches modules to train mode at fit start; PPO wants no dropout
+        # Sampling and minibatch order are a function of (seed, update): a resumed run continues exactly,
+        # whatever else drew random numbers in between (data loaders, checkpoint I/O).
+        torch.manual_seed((current_seed() or 0) * 1_000_003 + self.updates_done)
         roll = self.rollout(batch)
         metrics = dict(roll["metrics"])
         if not all(torch.isfinite(torch.as_tensor(v)).all() for k, v in metrics.items() if k != "val/explained_variance"):
@@ -340,6 +356,7 @@ class PPOModule(L.LightningModule):
                 opt.step()
                 update_logs.append(rl.update_metrics(pg, vf))
         sch.step()
+        self.updates_done += 1
         self.nonfinite_in_a_row = 0
         metrics["time/optimize"] = time.perf_counter() - t0
         for key in update_logs[0]:
@@ -385,7 +402,7 @@ class PPOModule(L.LightningModule):
             "kl_ctl": self.kl_ctl.state_dict(),
             "monitor": self.monitor.state_dict(),
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "torch_rng": torch.get_rng_state(),  # sampling continues exactly after a resume
+            "updates_done": self.updates_done,
             "history": self.history,
         }
 
@@ -396,13 +413,7 @@ class PPOModule(L.LightningModule):
             self.monitor.load_state_dict(state["monitor"])
             self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
             self.history = list(state.get("history", []))
-            self._rng_to_restore = state["torch_rng"]
-
-    def on_train_start(self) -> None:
-        # restored here, after Lightning's own seeding and data set-up have drawn their numbers
-        if getattr(self, "_rng_to_restore", None) is not None:
-            torch.set_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
+            self.updates_done = state["updates_done"]
 
     def on_fit_end(self) -> None:
         if self.output_dir is None or not self.trainer.is_global_zero:
@@ -411,12 +422,13 @@ class PPOModule(L.LightningModule):
         manifest = {
             "stage": "salsa" if self.anchor_names == ["soup"] else ("mkl" if len(self.anchor_names) > 1 else "ppo"),
             "format": self.stack.layout,
-            "base_model": self.policy_init,
-            "policy_init": self.policy_init,
+            "base_model": _policy_base(self.policy_init),
+            "policy_init": canonical_model_ref(self.policy_init),
             "anchor": self.anchor_names,
-            "anchor_paths": self.anchor_paths,
-            "reward_model": self.reward_model,
-            "soup": self.soup,
+            "anchor_paths": {k: canonical_model_ref(v) for k, v in self.anchor_paths.items()},
+            "reward_model": canonical_model_ref(self.reward_model) if self.reward_model else None,
+            "reward_fn": self.hparams.reward_fn,
+            "soup": canonical_model_ref(self.soup) if self.soup else None,
             "seed": current_seed(),
             "global_step": self.trainer.global_step,
             "metrics": scalar_metrics(self.trainer.callback_metrics),
@@ -427,6 +439,12 @@ class PPOModule(L.LightningModule):
         extra = {"history.json": json.dumps(self.history, indent=1)}
         path = save_ppo_policy(self.output_dir, policy, self.tokenizer, manifest, self.resolved_config, self.overwrite, extra)
         rank_zero_info(f"PPO policy written to {path}")
+
+
+def _policy_base(policy_init: str) -> str:
+    """A LoRA policy's output is an adapter on the SFT adapter's base; a full policy is its own model."""
+    path = resolve_model_path(policy_init)
+    return adapter_base(path) if is_adapter_dir(path) else canonical_model_ref(policy_init)
 
 
 def _import_callable(ref: str):

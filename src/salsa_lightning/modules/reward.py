@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from salsa_lightning.models.loading import ModelSpec, is_peft_model, load_tokenizer
+from salsa_lightning.models.loading import ModelSpec, canonical_model_ref, is_peft_model, load_tokenizer
 from salsa_lightning.modules.common import (
     OptimSpec,
     configure_adamw,
@@ -135,7 +135,7 @@ class RewardModule(L.LightningModule):
             "stage": "reward",
             "format": "lora" if is_peft_model(self.model) else "full",
             "base_model": _base_model_name(self.spec),
-            "init_from": self.spec.name_or_path,
+            "init_from": canonical_model_ref(self.spec.name_or_path),
             "seed": current_seed(),
             "global_step": self.trainer.global_step,
             "metrics": scalar_metrics(self.trainer.callback_metrics),
@@ -152,4 +152,4 @@ def _base_model_name(spec: ModelSpec) -> str:
     from salsa_lightning.models.loading import adapter_base, is_adapter_dir, resolve_model_path
 
     path = resolve_model_path(spec.name_or_path)
-    return adapter_base(path) if is_adapter_dir(path) else spec.name_or_path
+    return adapter_base(path) if is_adapter_dir(path) else canonical_model_ref(spec.name_or_path)

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from salsa_lightning.data.chat import IGNORE_INDEX
-from salsa_lightning.models.loading import ModelSpec, is_peft_model, load_causal_lm, load_tokenizer
+from salsa_lightning.models.loading import ModelSpec, canonical_model_ref, is_peft_model, load_causal_lm, load_tokenizer
 from salsa_lightning.modules.common import (
     OptimSpec,
     configure_adamw,
@@ -112,7 +112,7 @@ class SFTModule(L.LightningModule):
         manifest = {
             "stage": "sft",
             "format": "lora" if is_peft_model(self.model) else "full",
-            "base_model": self.spec.name_or_path,
+            "base_model": canonical_model_ref(self.spec.name_or_path),
             "seed": current_seed(),
             "global_step": self.trainer.global_step,
             "metrics": scalar_metrics(self.trainer.callback_metrics),
