@@ -234,6 +234,7 @@ CASES = [
     (EXACT, "I love coffee.", 0.0),
     (EXACT, "I really love hot morning coffee.", 0.0),
     (EXACT, "I really love morning tea.", 0.5),
+    ("Describe cities using exactly 4 words.", "I love this city.", 1.0),  # singular is still on topic
     # JSON with a given key
     (JSON_P, '{"answer": 13}', 1.0),
     (JSON_P, '```json\n{"answer": 13}\n```', 1.0),

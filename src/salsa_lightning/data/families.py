@@ -16,7 +16,7 @@ Scores (the gold judge's scale, shared by all families):
 | score | meaning |
 |---|---|
 | 1.0  | right answer in the requested form |
-| 0.5  | right content, wrong presentation: longer than `MAX_WORDS` words (rambling), or the JSON family's value given outside a JSON object / under another key, or the exact-words family's count met without mentioning the topic |
+| 0.5  | right content, wrong presentation: longer than `MAX_WORDS` words (rambling), or the JSON family's value given outside a JSON object / under another key, or the exact-words family's count met without mentioning the topic (singular or plural) |
 | 0.25 | upper-case family: the right words, not all in capitals (the constraint ignored) |
 | 0.0  | anything else: a wrong or hedged answer ("12 or 13"), a wrong word count, empty |
 """
@@ -655,6 +655,13 @@ class UpperCase(Family):
         return kind, ramble(rng, "Capital letters are used for emphasis.")
 
 
+def _stem(topic: str) -> str:
+    """'cities' -> 'city', 'cats' -> 'cat': the topic counts as mentioned in the singular or the plural."""
+    if topic.endswith("ies"):
+        return topic[:-3] + "y"
+    return topic[:-1] if topic.endswith("s") and not topic.endswith("ss") else topic
+
+
 class ExactWords(Family):
     name = "exact_words"
     templates = [
@@ -679,7 +686,8 @@ class ExactWords(Family):
         n, topic = task.answer
         if len(words_of(response)) != n:
             return WRONG
-        return FULL if topic in response.lower() else FORMAT_SLIP
+        text = response.lower()
+        return FULL if topic in text or _stem(topic) in text else FORMAT_SLIP
 
     def write(self, topic: str, n: int, rng: random.Random) -> str:
         starters = [s for s in self._STARTERS if len(s.split()) <= n - 1]
@@ -706,7 +714,7 @@ class ExactWords(Family):
             # one word short or long (never below the shortest sentence `write` can make)
             return kind, self.write(topic, n + (1 if n <= 4 else rng.choice([-1, 1])), rng)
         if kind == "off_topic":
-            other = rng.choice([t for t in TOPICS if t != topic and t not in topic and topic not in t])
+            other = rng.choice([t for t in TOPICS if topic not in t and _stem(topic) not in t])
             return kind, self.write(other, n, rng)
         return kind, ramble(rng, f"Anyway, {topic} is nice.")
 

@@ -204,7 +204,7 @@ def generate_task_suite(cfg: TaskSuiteConfig) -> dict[str, Any]:
             "seed": cfg.seed,
             "config": content_config,
             "families": list(FAMILIES),
-            "splits": {"eval_id.jsonl": "id", "eval_ood.jsonl": "ood", "other files": "id"},
+            "splits": {"id": [name for name in files if name != "eval_ood.jsonl"], "ood": ["eval_ood.jsonl"]},
             "files": {
                 name: {"rows": len(rows), "per_family": _family_counts(rows), "sha256": sha256_file(tmp / name)}
                 for name, rows in files.items()
