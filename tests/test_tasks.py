@@ -63,6 +63,24 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path
             assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes(), name
 
 
+def test_files_are_identical_across_processes_with_different_hash_seeds(tmp_path):
+    # string hashing is randomised per process; nothing in the generator may depend on set or hash order
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from salsa_lightning.data.tasks import TaskSuiteConfig, generate_task_suite; "
+        "generate_task_suite(TaskSuiteConfig(output_dir=sys.argv[1], num_sft=70, num_prefs_train=70, "
+        "num_prefs_test=14, num_rl_prompts=14, num_eval=14))"
+    )
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO / "src")}
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / hash_seed)], check=True, env=env)
+    for name in [*FILES, "manifest.json"]:
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
+
+
 def test_eval_prompts_do_not_depend_on_the_training_counts():
     # each file has its own random stream, so growing the SFT set leaves the benchmark as it was
     a = build_task_suite(TaskSuiteConfig(num_sft=10, num_eval=20))

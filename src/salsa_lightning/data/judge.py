@@ -18,6 +18,7 @@ exact-words family's count met off topic), 0.25 for the upper-case family's righ
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Literal
 
@@ -41,7 +42,12 @@ def _clean_prompt(prompt: str) -> str:
 
 def parse_prompt(prompt: str) -> Task:
     """The task behind a suite prompt (family, split, parsed parameters, answer); `SalsaError` if it is not one."""
-    text = _clean_prompt(prompt)
+    return _parse(_clean_prompt(prompt))
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse(text: str) -> Task:
+    # cached: an RL or eval loop scores many responses to the same few hundred prompts
     for family in FAMILIES.values():
         for template in family.templates:
             m = template.regex.fullmatch(text)
