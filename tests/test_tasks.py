@@ -228,6 +228,8 @@ CASES = [
     (REVERSE, "[3, 2, 1]", 1.0),
     (REVERSE, "3, 2, 1", 1.0),
     (REVERSE, "The reversed list is [3,2,1].", 1.0),
+    (REVERSE, "Reversed:\n1. 3\n2. 2\n3. 1", 1.0),  # a numbered list is a harmless change of format
+    (REVERSE, "- 3\n- 1\n- 2", 0.0),
     (REVERSE, "[1, 2, 3]", 0.0),
     (REVERSE, "[3, 1, 2]", 0.0),
     (REVERSE, "[3, 2]", 0.0),

@@ -525,6 +525,9 @@ class Units(NumericFamily):
         return rng.choice([v / ratio, task.answer * 10, task.answer / 10])
 
 
+_BULLET_RE = re.compile(r"^(?:\d+[.)]|[-*\u2022])\s+")
+
+
 class ListOps(Family):
     name = "list"
     templates = [
@@ -567,8 +570,11 @@ class ListOps(Family):
 
     def grade(self, task: Task, response: str) -> float:
         lists = re.findall(r"\[([^\[\]]*)\]", response)
+        lines = [ln.strip() for ln in response.splitlines() if ln.strip() and not ln.strip().endswith(":")]
         if lists:
             got = self._items(lists[-1])
+        elif len(lines) > 1:  # one item per line, as a numbered or bulleted list: the order is what counts
+            got = self._items(",".join(_BULLET_RE.sub("", ln).rstrip(".") for ln in lines))
         else:  # a bare comma-separated answer, possibly after a lead-in ending in ':'
             tail = response.rsplit(":", 1)[-1].strip().rstrip(".")
             got = self._items(re.sub(r",?\s+and\s+", ", ", tail))
