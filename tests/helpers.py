@@ -132,3 +132,8 @@ class KillAfterEpochs(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
+
+
+def shorter_is_better(prompts: list, responses: list[str]) -> list[float]:
+    """Pays for brevity: a policy optimising it collapses its responses, like the paper's KL-hack (§A.4)."""
+    return [-len(r) / 10 for r in responses]

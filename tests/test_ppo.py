@@ -143,9 +143,13 @@ def test_resume_after_kill_matches_uninterrupted_run(pipeline, tmp_path):
 
 
 def test_kl_hack_monitor_stops_training(pipeline):
-    # every response hits max_new_tokens; a threshold above 100% of the start makes the second update "collapse"
-    cli = run(pipeline, "--trainer.max_epochs=5", "--model.kl_hack.min_fraction=1.5", "--model.kl_hack.action=stop", "--model.kl_hack.patience=1")
-    assert len(cli.model.history) < 10
+    # a reward that pays for brevity collapses response length; the monitor must stop the run early
+    cli = run(pipeline, "--trainer.max_epochs=15", "--model.optim.lr=5e-2", "--model.kl_hack.min_fraction=0.7",
+              "--model.kl_hack.action=stop", "--model.kl_hack.patience=1", reward=False,
+              reward_fn="helpers:shorter_is_better")  # fmt: skip
+    lengths = [h["response_length"] for h in cli.model.history]
+    assert len(lengths) < 30, lengths  # stopped before max_epochs
+    assert lengths[-1] < 0.7 * lengths[0]
 
 
 def run_fails(args, capsys) -> str:

@@ -3,6 +3,12 @@
 from salsa_lightning.cli import register_command
 
 register_command(
+    "data",
+    config="salsa_lightning.data.tasks:TaskSuiteConfig",
+    run="salsa_lightning.data.tasks:run_data",
+    help="Write the built-in task suite (SFT, preferences, RL prompts, ID/OOD eval) with its gold judge.",
+)
+register_command(
     "soup",
     config="salsa_lightning.soup.config:SoupConfig",
     run="salsa_lightning.soup.run:run_soup",
