@@ -4,6 +4,7 @@ reward, resume is exact, outputs reload, and bad input is refused clearly."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -144,12 +145,24 @@ def test_resume_after_kill_matches_uninterrupted_run(pipeline, tmp_path):
 
 def test_kl_hack_monitor_stops_training(pipeline):
     # a reward that pays for brevity collapses response length; the monitor must stop the run early
-    cli = run(pipeline, "--trainer.max_epochs=15", "--model.optim.lr=5e-2", "--model.kl_hack.min_fraction=0.7",
-              "--model.kl_hack.action=stop", "--model.kl_hack.patience=1", reward=False,
-              reward_fn="helpers:shorter_is_better")  # fmt: skip
+    cli = run(pipeline, "--trainer.max_epochs=20", "--model.optim.lr=1e-2", "--model.layout=full", "--model.ppo.kl_coef=0.01",
+              "--model.kl_hack.min_fraction=0.7", "--model.kl_hack.action=stop", "--model.kl_hack.patience=1",
+              reward=False, reward_fn="helpers:shorter_is_better")  # fmt: skip
     lengths = [h["response_length"] for h in cli.model.history]
-    assert len(lengths) < 30, lengths  # stopped before max_epochs
+    assert len(lengths) < 40, lengths  # stopped before max_epochs
     assert lengths[-1] < 0.7 * lengths[0]
+
+
+def test_programmatic_reward_rises_while_kl_stays_finite(pipeline):
+    cli = run(pipeline, "--trainer.max_epochs=24", "--model.optim.lr=5e-3", "--model.layout=full", "--model.ppo.kl_coef=0.01",
+              reward=False, reward_fn="helpers:fraction_of_a")  # fmt: skip
+    scores = [h["objective/scores"] for h in cli.model.history]
+    kls = [h["objective/kl"] for h in cli.model.history]
+    assert len(scores) == 48
+    first, last = sum(scores[:8]) / 8, sum(scores[-8:]) / 8
+    print("reward first/last 8 updates", first, last, "max KL", max(kls))
+    assert last > first + 0.05, scores
+    assert all(math.isfinite(k) for k in kls) and max(kls) > 0
 
 
 def run_fails(args, capsys) -> str:
