@@ -212,3 +212,12 @@ def test_nan_rewards_skip_updates_then_stop(pipeline, capsys):
     with pytest.warns(UserWarning, match="Skipped a PPO update"):
         msg = run_fails(args, capsys)
     assert "2 PPO updates in a row had NaN/inf" in msg
+
+
+@pytest.mark.parametrize("layout", ["lora", "full"])
+def test_in_memory_soup_equals_the_soup_stage_output(pipeline, layout):
+    steps = ("--trainer.max_steps=4", "--model.optim.lr=1e-2", "--model.anchor=soup", f"--model.layout={layout}")
+    from_stage = run(pipeline, *steps, f"--model.soup={pipeline / 'soup'}")
+    in_memory = run(pipeline, *steps, f"--model.soup_inputs=[{pipeline / 'sft1'},{pipeline / 'sft2'}]", "--model.soup_alpha=0.5")
+    assert_same_curves(curves(from_stage), curves(in_memory), rel=1e-4)
+    assert curves(from_stage)[0]["objective/kl_soup"] > 0

@@ -27,7 +27,7 @@ from salsa_lightning.models.loading import (
     resolve_model_path,
 )
 from salsa_lightning.modules.common import OptimSpec, current_seed, format_output_dir, save_stage_output, scalar_metrics
-from salsa_lightning.ppo.stack import build_stack
+from salsa_lightning.ppo.stack import InMemorySoup, build_stack
 from salsa_lightning.stage import check_output_dir, read_manifest
 
 
@@ -105,6 +105,9 @@ class PPOModule(L.LightningModule):
         reward_fn: str | None = None,
         anchor: str | list[str] = "init",
         soup: str | None = None,
+        soup_inputs: list[str] | None = None,
+        soup_weights: list[float] | None = None,
+        soup_alpha: float | None = None,
         layout: Literal["auto", "full", "lora"] = "auto",
         model: ModelSpec | None = None,
         value_head: Literal["copy", "reinit"] = "copy",
@@ -126,6 +129,10 @@ class PPOModule(L.LightningModule):
             anchor: `init` (PPO), `soup` (SALSA), or a list of model directories (MKL: mean of the per-anchor KLs).
             soup: The soup stage output: the SALSA anchor, and for every run the model `objective/kl_soup` is
                 measured against (reviewers asked for KL to both init and soup).
+            soup_inputs: Instead of `soup`, build the soup in memory from these SFT outputs (the policy's seed
+                first), by the soup API: exact cat-merge for LoRA adapters, a weighted average for full weights.
+            soup_weights: Weights of `soup_inputs` (uniform by default; must sum to 1).
+            soup_alpha: Two inputs only: weights (1 - α, α), the paper's eq. 3 (α = 0.5 by default).
             layout: `lora` = one frozen base with adapters (needs adapter outputs on one base); `full` = separate
                 models; `auto` = lora when the policy and reward model are adapters.
             model: dtype / attention settings applied when loading every model (its name_or_path is ignored).
@@ -148,6 +155,13 @@ class PPOModule(L.LightningModule):
         self.spec = model or ModelSpec()
         if (reward_model is None) == (reward_fn is None):
             raise SalsaError("Set exactly one of `reward_model` (a reward stage output) and `reward_fn` (module:function).")
+        if soup is not None and soup_inputs:
+            raise SalsaError("Set either `soup` (a soup stage output) or `soup_inputs` (built in memory), not both.")
+        if soup_inputs:
+            from salsa_lightning.soup.api import resolve_weights
+
+            weights = resolve_weights(len(soup_inputs), soup_weights, alpha=soup_alpha)
+            soup = InMemorySoup(tuple(soup_inputs), tuple(weights))
         self.policy_init, self.reward_model, self.soup, self.layout = policy_init, reward_model, soup, layout
         self.reward_fn = _import_callable(reward_fn) if reward_fn else None
         self.value_head, self.sample_table_every, self.overwrite = value_head, sample_table_every, overwrite
@@ -192,8 +206,11 @@ class PPOModule(L.LightningModule):
         return names, paths
 
     def _warn_if_soup_lacks_init(self) -> None:
-        manifest = read_manifest(resolve_model_path(self.soup)) or {}
-        inputs = [str(Path(i["path"] if isinstance(i, dict) else i).resolve()) for i in manifest.get("inputs", [])]
+        if isinstance(self.soup, InMemorySoup):
+            inputs = [str(Path(p).resolve()) for p in self.soup.inputs]
+        else:
+            manifest = read_manifest(resolve_model_path(self.soup)) or {}
+            inputs = [str(Path(i["path"] if isinstance(i, dict) else i).resolve()) for i in manifest.get("inputs", [])]
         if inputs and str(Path(self.policy_init).resolve()) not in inputs:
             warnings.warn(
                 f"The soup {self.soup} was not made from the policy's starting model {self.policy_init}; SALSA's soup "
@@ -202,8 +219,11 @@ class PPOModule(L.LightningModule):
 
     def _check_tokenizers(self) -> None:
         vocab = self.tokenizer.get_vocab()
-        for name, path in {**self.anchor_paths, "reward": self.reward_model}.items():
-            if path is None or path == self.policy_init:
+        models = {**self.anchor_paths, "reward": self.reward_model}
+        if isinstance(self.soup, InMemorySoup):
+            models.update({f"soup input {i}": p for i, p in enumerate(self.soup.inputs)})
+        for name, path in models.items():
+            if path is None or path == self.policy_init or isinstance(path, InMemorySoup):
                 continue
             other = load_tokenizer(ModelSpec(**{**self.spec.__dict__, "name_or_path": path}))
             if other.get_vocab() != vocab:
@@ -425,10 +445,10 @@ class PPOModule(L.LightningModule):
             "base_model": _policy_base(self.policy_init),
             "policy_init": canonical_model_ref(self.policy_init),
             "anchor": self.anchor_names,
-            "anchor_paths": {k: canonical_model_ref(v) for k, v in self.anchor_paths.items()},
+            "anchor_paths": {k: _describe(v) for k, v in self.anchor_paths.items()},
             "reward_model": canonical_model_ref(self.reward_model) if self.reward_model else None,
             "reward_fn": self.hparams.reward_fn,
-            "soup": canonical_model_ref(self.soup) if self.soup else None,
+            "soup": _describe(self.soup) if self.soup else None,
             "seed": current_seed(),
             "global_step": self.trainer.global_step,
             "metrics": scalar_metrics(self.trainer.callback_metrics),
@@ -439,6 +459,12 @@ class PPOModule(L.LightningModule):
         extra = {"history.json": json.dumps(self.history, indent=1)}
         path = save_ppo_policy(self.output_dir, policy, self.tokenizer, manifest, self.resolved_config, self.overwrite, extra)
         rank_zero_info(f"PPO policy written to {path}")
+
+
+def _describe(anchor) -> Any:
+    if isinstance(anchor, InMemorySoup):
+        return {"inputs": [canonical_model_ref(p) for p in anchor.inputs], "weights": list(anchor.weights or [])}
+    return canonical_model_ref(anchor)
 
 
 def _policy_base(policy_init: str) -> str:

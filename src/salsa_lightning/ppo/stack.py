@@ -13,7 +13,9 @@ Both expose the same methods, so the PPO module never asks which layout it runs 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import torch
 from torch import nn
@@ -28,6 +30,17 @@ from salsa_lightning.models.loading import (
 )
 from salsa_lightning.reward.model import load_reward_model, unwrap
 from salsa_lightning.rl.sequences import last_token_index
+
+
+@dataclass(frozen=True)
+class InMemorySoup:
+    """A soup anchor built at start-up from seed outputs and weights by the soup API (no soup stage run)."""
+
+    inputs: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+
+
+Anchor = Union[str, InMemorySoup]
 
 
 def _backbone(model):
@@ -62,7 +75,12 @@ class FullStack(nn.Module):
         self.policy = _merged_causal_lm(policy_init, spec, trainable=True)
         self.anchors = nn.ModuleDict()
         for name, path in anchors.items():
-            model = copy.deepcopy(self.policy) if path == policy_init else _merged_causal_lm(path, spec, trainable=False)
+            if isinstance(path, InMemorySoup):
+                model = self._soup_model(path, spec)
+            elif path == policy_init:
+                model = copy.deepcopy(self.policy)
+            else:
+                model = _merged_causal_lm(path, spec, trainable=False)
             self.anchors[name] = model.requires_grad_(False)
         pad = self.policy.config.pad_token_id
         reward_spec = ModelSpec(**{**spec.__dict__, "name_or_path": reward or policy_init, "lora": None})
@@ -72,6 +90,14 @@ class FullStack(nn.Module):
         self.value = _merge_if_peft(load_reward_model(reward_spec, trainable=True, pad_token_id=pad)).requires_grad_(True)
         if value_head == "reinit" or reward is None:
             nn.init.zeros_(unwrap(self.value).score.weight)
+
+    def _soup_model(self, soup: InMemorySoup, spec: ModelSpec):
+        from salsa_lightning.soup.api import soup_state_dicts
+
+        seeds = [_merged_causal_lm(p, spec, trainable=False) for p in soup.inputs]
+        model = seeds[0]
+        model.load_state_dict(soup_state_dicts([m.state_dict() for m in seeds], soup.weights))
+        return model
 
     def generate(self, **kwargs) -> torch.Tensor:
         return self.policy.generate(**kwargs)
@@ -116,6 +142,10 @@ class LoraStack(nn.Module):
         from salsa_lightning.models.loading import _from_pretrained
 
         sources = {"policy": policy_init, **anchors, **({"reward": reward} if reward is not None else {})}
+        for name, anchor in list(sources.items()):
+            if isinstance(anchor, InMemorySoup):
+                sources.pop(name)
+                sources.update({f"{name}[{i}]": p for i, p in enumerate(anchor.inputs)})
         for name, path in sources.items():
             if not is_adapter_dir(resolve_model_path(path)):
                 raise SalsaError(
@@ -132,7 +162,10 @@ class LoraStack(nn.Module):
         base.requires_grad_(False)
         self.model = PeftModel.from_pretrained(base, resolve_model_path(policy_init), adapter_name="policy", is_trainable=True)
         for name, path in anchors.items():
-            self.model.load_adapter(resolve_model_path(path), adapter_name=name, is_trainable=False)
+            if isinstance(path, InMemorySoup):
+                self._add_soup_adapter(name, path)
+            else:
+                self.model.load_adapter(resolve_model_path(path), adapter_name=name, is_trainable=False)
         hidden = base.config.hidden_size
         self.reward_head = nn.Linear(hidden, 1, bias=False).requires_grad_(False)
         self.value_head = nn.Linear(hidden, 1, bias=False)
@@ -146,6 +179,18 @@ class LoraStack(nn.Module):
         self.value_head.requires_grad_(True)
         self._trainable = {"policy", "value"}
         self._set_flags()
+
+    def _add_soup_adapter(self, name: str, soup: InMemorySoup) -> None:
+        """The exact (cat) LoRA soup of the seeds' adapters, added beside the policy on the same base."""
+        from peft import set_peft_model_state_dict
+
+        from salsa_lightning.soup.api import load_lora_adapter, soup_lora_adapters
+
+        souped = soup_lora_adapters([load_lora_adapter(resolve_model_path(p)) for p in soup.inputs], soup.weights)
+        self.model.add_adapter(name, souped.peft_config())
+        result = set_peft_model_state_dict(self.model, souped.state_dict, adapter_name=name)
+        if result.unexpected_keys:
+            raise SalsaError(f"The souped adapter does not fit the policy's base model; check soup_inputs {soup.inputs}.")
 
     def _add_scoring_adapter(self, name: str, path: str, head: nn.Linear) -> None:
         """A sequence-classification adapter (reward stage output) split into a LoRA adapter on the causal-LM
@@ -213,7 +258,9 @@ class LoraStack(nn.Module):
 
 def build_stack(layout: str, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str | None, value_head: str):
     if layout == "auto":
-        adapters = [policy_init, *anchors.values(), *([reward] if reward else [])]
+        adapters = [policy_init, *([reward] if reward else [])]
+        for anchor in anchors.values():
+            adapters += list(anchor.inputs) if isinstance(anchor, InMemorySoup) else [anchor]
         layout = "lora" if all(is_adapter_dir(resolve_model_path(p)) for p in adapters) else "full"
     cls = {"full": FullStack, "lora": LoraStack}[layout]
     return cls(spec, policy_init, anchors, reward, value_head)
