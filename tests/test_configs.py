@@ -10,14 +10,25 @@ import yaml
 from salsa_lightning.cli import EXTRA_COMMANDS, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "debug")
+STAGE_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in {"debug", "ablations"})
 DEBUG_CONFIGS = sorted((ROOT / "configs" / "debug").glob("*.yaml"))
+# ablations are stacked on a quickstart stage config, as their headers say
+ABLATIONS = {p: ROOT / "configs/quickstart/salsa.yaml" for p in sorted((ROOT / "configs" / "ablations").glob("*.yaml"))}
 
 
 def subcommand_for(path: Path) -> str:
+    """`fit` for Lightning configs (trainer/model/data keys); otherwise the extra command whose fields match."""
+    import dataclasses
+
     import salsa_lightning.commands  # noqa: F401
 
-    return path.stem if path.stem in EXTRA_COMMANDS else "fit"
+    keys = set(yaml.safe_load(path.read_text()) or {})
+    if keys & {"trainer", "model", "data"}:
+        return "fit"
+    for name, cmd in EXTRA_COMMANDS.items():
+        if keys <= {f.name for f in dataclasses.fields(cmd.load(cmd.config))}:
+            return name
+    raise AssertionError(f"{path}: no subcommand takes the keys {sorted(keys)}")
 
 
 def test_configs_exist():
@@ -40,6 +51,16 @@ def test_debug_config_stacks(debug: Path, capsys):
         cli_main(["fit", "--config", str(ROOT / "configs/quickstart/sft.yaml"), "--config", str(debug), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["max_steps"] == yaml.safe_load(debug.read_text())["trainer"]["max_steps"]
+
+
+@pytest.mark.parametrize("ablation", list(ABLATIONS), ids=lambda p: p.name)
+def test_ablation_stacks_on_its_stage_config(ablation: Path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(ABLATIONS[ablation]), "--config", str(ablation), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = yaml.safe_load(ablation.read_text())["model"]["init_args"]
+    for key, value in expected.items():
+        assert printed["model"]["init_args"][key] == value, key
 
 
 def test_help_lists_every_subcommand(capsys):

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole SALSA recipe on the embedded SmolLM2-135M-Instruct and the built-in task suite, on a CPU.
+# Every step is an ordinary command a user could type; a step whose output exists is skipped, so a re-run
+# resumes where the last one stopped. `make quickstart` runs this with the project's .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=outputs/quickstart
+export TOKENIZERS_PARALLELISM=false
+START=$(date +%s)
+declare -a TIMES=()
+
+step() {  # step NAME OUTPUT_DIR COMMAND...
+  local name=$1 out=$2; shift 2
+  if [ -e "$out" ]; then
+    echo "== $name: $out exists, skipping (delete it to redo this step)"
+    TIMES+=("$name|skipped")
+    return
+  fi
+  echo "== $name: $*"
+  local t0=$(date +%s)
+  "$@"
+  local dt=$(( $(date +%s) - t0 ))
+  echo "== $name done in ${dt}s"
+  TIMES+=("$name|${dt}s")
+}
+
+step "task suite"   $OUT/data         $PY -m salsa_lightning data --config configs/quickstart/data.yaml
+step "SFT seed 1"   $OUT/sft-seed1    $PY -m salsa_lightning fit --config configs/quickstart/sft.yaml --seed_everything 1
+step "SFT seed 2"   $OUT/sft-seed2    $PY -m salsa_lightning fit --config configs/quickstart/sft.yaml --seed_everything 2
+step "soup"         $OUT/soup         $PY -m salsa_lightning soup --config configs/quickstart/soup.yaml
+step "reward model" $OUT/reward       $PY -m salsa_lightning fit --config configs/quickstart/reward.yaml
+step "PPO"          $OUT/ppo          $PY -m salsa_lightning fit --config configs/quickstart/ppo.yaml
+step "SALSA"        $OUT/salsa        $PY -m salsa_lightning fit --config configs/quickstart/salsa.yaml
+if [ -f configs/quickstart/eval.yaml ]; then
+  step "evaluate"   $OUT/eval         $PY -m salsa_lightning evaluate --config configs/quickstart/eval.yaml
+fi
+
+echo
+echo "Step times:"
+for t in "${TIMES[@]}"; do printf "  %-14s %s\n" "${t%%|*}" "${t##*|}"; done
+echo "Total: $(( $(date +%s) - START ))s.  Outputs are under $OUT/."
