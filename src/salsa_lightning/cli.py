@@ -65,7 +65,7 @@ class SalsaCLI(LightningCLI):
             "trainer_defaults",
             {
                 "callbacks": [lazy_instance(RichProgressBar)],
-                "logger": lazy_instance(CSVLogger, save_dir="lightning_logs"),
+                "logger": lazy_instance(CSVLogger, save_dir="."),  # ./lightning_logs/version_N/metrics.csv
             },
         )
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"} if _has_omegaconf() else {})
