@@ -51,7 +51,10 @@ def build_inputs(model: str, root: Path) -> dict[str, str]:
     write_manifest(root / "sft", {"stage": "sft", "format": "lora", "base_model": base})
     cls = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     cls.config.pad_token_id = tok.pad_token_id
-    rm = get_peft_model(cls, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="SEQ_CLS", modules_to_save=["score"]))
+    rm = get_peft_model(
+        cls,
+        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="SEQ_CLS", modules_to_save=["score"]),
+    )
     rm.save_pretrained(root / "rm")
     tok.save_pretrained(root / "rm")
     write_manifest(root / "rm", {"stage": "reward", "format": "lora", "base_model": base})
@@ -82,7 +85,9 @@ def child(model: str, layout: str, root: str) -> None:
     cli = cli_main(args)
     wall = time.perf_counter() - t0
     hist = cli.model.history[1:] or cli.model.history  # the first update pays one-off warm-up costs
-    phases = {k: statistics.mean(h[k] for h in hist) for k in ("time/generate", "time/score", "time/forward", "time/optimize")}
+    phases = {
+        k: statistics.mean(h[k] for h in hist) for k in ("time/generate", "time/score", "time/forward", "time/optimize")
+    }
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     module = cli.model

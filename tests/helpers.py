@@ -98,7 +98,9 @@ def nan_reward(prompts: list, responses: list[str]) -> list[float]:
     return [float("nan")] * len(responses)
 
 
-def ppo_args(policy: str, prompts: str, *extra: str, reward: str | None = None, reward_fn: str | None = None) -> list[str]:
+def ppo_args(
+    policy: str, prompts: str, *extra: str, reward: str | None = None, reward_fn: str | None = None
+) -> list[str]:
     args = [
         "fit",
         "--model=salsa_lightning.modules.ppo.PPOModule",

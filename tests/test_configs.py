@@ -48,7 +48,9 @@ def test_config_parses(path: Path, capsys):
 @pytest.mark.parametrize("debug", DEBUG_CONFIGS, ids=lambda p: p.name)
 def test_debug_config_stacks(debug: Path, capsys):
     with pytest.raises(SystemExit):
-        cli_main(["fit", "--config", str(ROOT / "configs/quickstart/sft.yaml"), "--config", str(debug), "--print_config"])
+        cli_main(
+            ["fit", "--config", str(ROOT / "configs/quickstart/sft.yaml"), "--config", str(debug), "--print_config"]
+        )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["max_steps"] == yaml.safe_load(debug.read_text())["trainer"]["max_steps"]
 

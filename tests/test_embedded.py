@@ -28,7 +28,9 @@ def test_converted_copy_loads_with_plain_transformers(embedded_dir):
 def test_embedded_model_answers_through_our_loader(embedded_dir):
     tok = load_tokenizer(DEFAULT_MODEL, padding_side="left")
     model = load_causal_lm(DEFAULT_MODEL, trainable=False)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True
+    )
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False)

@@ -23,11 +23,22 @@ def pipeline(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo-pipeline")
     sft = write_jsonl(root / "sft.jsonl", addition_conversations(48))
     prefs = write_jsonl(root / "prefs.jsonl", addition_preferences(48))
-    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(16, seed=9)])
+    prompts = write_jsonl(
+        root / "prompts.jsonl", [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(16, seed=9)]
+    )
     for seed in (1, 2):
         main(sft_args(str(tiny_model_dir), str(sft), str(root / f"sft{seed}"), "--trainer.max_steps=3", "--model.model.lora.r=4",
                       "--model.optim.lr=1e-2", f"--seed_everything={seed}"))  # fmt: skip
-    main(reward_args(str(root / "sft1"), str(prefs), str(root / "rm"), "--trainer.max_steps=4", "--model.model.lora.r=4", "--model.optim.lr=1e-2"))
+    main(
+        reward_args(
+            str(root / "sft1"),
+            str(prefs),
+            str(root / "rm"),
+            "--trainer.max_steps=4",
+            "--model.model.lora.r=4",
+            "--model.optim.lr=1e-2",
+        )
+    )
     shutil.copytree(root / "sft1", root / "sft1-copy")  # the same weights under another path (an independent anchor)
     main(["soup", f"--inputs=[{root / 'sft1'},{root / 'sft1-copy'}]", f"--output_dir={root / 'soup-identical'}"])
     main(["soup", f"--inputs=[{root / 'sft1'},{root / 'sft2'}]", f"--output_dir={root / 'soup'}"])
@@ -36,8 +47,13 @@ def pipeline(tiny_model_dir, tmp_path_factory):
 
 def run(pipeline: Path, *extra: str, reward: bool = True, **kwargs):
     return cli_main(
-        ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), *extra,
-                 reward=str(pipeline / "rm") if reward else None, **kwargs)  # fmt: skip
+        ppo_args(
+            str(pipeline / "sft1"),
+            str(pipeline / "prompts.jsonl"),
+            *extra,
+            reward=str(pipeline / "rm") if reward else None,
+            **kwargs,
+        )  # fmt: skip
     )
 
 
@@ -67,8 +83,12 @@ def test_layouts_give_the_same_numbers(pipeline):
     mask[2, :2] = 0
     pos = position_ids_from_mask(mask)
     with torch.no_grad():
-        torch.testing.assert_close(full.policy_logits(ids, mask, pos), lora.policy_logits(ids, mask, pos), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(full.anchor_logits("soup", ids, mask, pos), lora.anchor_logits("soup", ids, mask, pos), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            full.policy_logits(ids, mask, pos), lora.policy_logits(ids, mask, pos), atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            full.anchor_logits("soup", ids, mask, pos), lora.anchor_logits("soup", ids, mask, pos), atol=1e-4, rtol=1e-4
+        )
         torch.testing.assert_close(full.reward_scores(ids, mask), lora.reward_scores(ids, mask), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(full.values(ids, mask, pos), lora.values(ids, mask, pos), atol=1e-4, rtol=1e-4)
     # only the policy and the critic train in the LoRA layout; the base and the other adapters are frozen
@@ -96,7 +116,12 @@ def test_mkl_over_one_anchor_equals_ppo(pipeline):
 
 
 def test_mkl_is_the_mean_of_the_anchor_kls(pipeline):
-    cli = run(pipeline, "--trainer.max_steps=1", f"--model.anchor=[{pipeline / 'sft1'},{pipeline / 'sft2'}]", f"--model.soup={pipeline / 'sft2'}")
+    cli = run(
+        pipeline,
+        "--trainer.max_steps=1",
+        f"--model.anchor=[{pipeline / 'sft1'},{pipeline / 'sft2'}]",
+        f"--model.soup={pipeline / 'sft2'}",
+    )
     h = cli.model.history[0]
     # KL to sft1 (init) is 0 at the first rollout, so the mean over the two anchors is half the KL to sft2 (soup)
     assert h["objective/kl"] == pytest.approx((h["objective/kl_init"] + h["objective/kl_soup"]) / 2, rel=1e-4, abs=1e-6)
@@ -117,7 +142,9 @@ def test_output_reloads_with_peft_and_logs_both_kls(pipeline, tmp_path):
                 "loss/value_avg", "val/clipfrac_avg", "val/explained_variance", "val/num_eos_tokens", "response_length", "kl_coef"]  # fmt: skip
     assert all(k in history[0] for k in required), set(required) - set(history[0])
 
-    base = AutoModelForCausalLM.from_pretrained(json.loads((pipeline / "sft1" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    base = AutoModelForCausalLM.from_pretrained(
+        json.loads((pipeline / "sft1" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    )
     reloaded = PeftModel.from_pretrained(base, out).eval()
     ids = torch.randint(3, 300, (2, 10))
     mask = torch.ones_like(ids)
@@ -134,7 +161,13 @@ def test_resume_after_kill_matches_uninterrupted_run(pipeline, tmp_path):
                  "--trainer.callbacks+=helpers.KillAfterEpochs", "--trainer.callbacks.epochs=2")  # fmt: skip
     assert killed.model.updates_done == 2
     ckpt = next((tmp_path / "b").rglob("*.ckpt"))
-    resumed = run(pipeline, *common, "--trainer.max_epochs=3", f"--trainer.default_root_dir={tmp_path / 'c'}", f"--ckpt_path={ckpt}")
+    resumed = run(
+        pipeline,
+        *common,
+        "--trainer.max_epochs=3",
+        f"--trainer.default_root_dir={tmp_path / 'c'}",
+        f"--ckpt_path={ckpt}",
+    )
     a = {n: p for n, p in whole.model.stack.named_parameters() if p.requires_grad}
     b = {n: p for n, p in resumed.model.stack.named_parameters() if p.requires_grad}
     assert a.keys() == b.keys()
@@ -173,7 +206,9 @@ def run_fails(args, capsys) -> str:
 
 
 def test_negative_beta_is_refused(pipeline, capsys):
-    args = ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), "--model.ppo.kl_coef=-0.1", reward=str(pipeline / "rm"))
+    args = ppo_args(
+        str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), "--model.ppo.kl_coef=-0.1", reward=str(pipeline / "rm")
+    )
     assert "kl_coef" in run_fails(args, capsys) or "β" in run_fails(args, capsys)
 
 
@@ -183,7 +218,12 @@ def test_anchor_with_another_tokenizer_is_refused(pipeline, tmp_path, capsys):
     tok = make_tiny_tokenizer(vocab_size=300)
     make_tiny_model(tok).save_pretrained(tmp_path / "other")
     tok.save_pretrained(tmp_path / "other")
-    args = ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), f"--model.anchor=[{tmp_path / 'other'}]", reward=str(pipeline / "rm"))
+    args = ppo_args(
+        str(pipeline / "sft1"),
+        str(pipeline / "prompts.jsonl"),
+        f"--model.anchor=[{tmp_path / 'other'}]",
+        reward=str(pipeline / "rm"),
+    )
     assert "different tokenizer" in run_fails(args, capsys)
 
 
@@ -218,6 +258,8 @@ def test_nan_rewards_skip_updates_then_stop(pipeline, capsys):
 def test_in_memory_soup_equals_the_soup_stage_output(pipeline, layout):
     steps = ("--trainer.max_steps=4", "--model.optim.lr=1e-2", "--model.anchor=soup", f"--model.layout={layout}")
     from_stage = run(pipeline, *steps, f"--model.soup={pipeline / 'soup'}")
-    in_memory = run(pipeline, *steps, f"--model.soup_inputs=[{pipeline / 'sft1'},{pipeline / 'sft2'}]", "--model.soup_alpha=0.5")
+    in_memory = run(
+        pipeline, *steps, f"--model.soup_inputs=[{pipeline / 'sft1'},{pipeline / 'sft2'}]", "--model.soup_alpha=0.5"
+    )
     assert_same_curves(curves(from_stage), curves(in_memory), rel=1e-4)
     assert curves(from_stage)[0]["objective/kl_soup"] > 0

@@ -48,7 +48,9 @@ def swapped_datamodule(rows, tokenizer, tmp_path) -> PreferenceDataModule:
 
 def test_full_reward_model_learns_and_reloads(tiny_model_dir, pref_data, tmp_path):
     out = tmp_path / "rm"
-    cli = cli_main(reward_args(str(tiny_model_dir), str(pref_data), str(out), "--trainer.max_epochs=3", "--model.optim.lr=3e-3"))
+    cli = cli_main(
+        reward_args(str(tiny_model_dir), str(pref_data), str(out), "--trainer.max_epochs=3", "--model.optim.lr=3e-3")
+    )
     acc, margin = val_accuracy_and_margin(cli.model, cli.datamodule)
     assert acc >= 0.9 and margin > 0, (acc, margin)
 
@@ -66,7 +68,12 @@ def test_full_reward_model_learns_and_reloads(tiny_model_dir, pref_data, tmp_pat
     prompts = [r["prompt"] for r in rows[:6]]
     responses = [r["chosen"] for r in rows[:6]]
     scorer = RewardScorer.from_output(str(out))
-    enc = [cli.model.tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False) for p, c in zip(prompts, responses)]
+    enc = [
+        cli.model.tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+        )
+        for p, c in zip(prompts, responses)
+    ]
     batch = cli.model.tokenizer(enc, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():
         module_scores = cli.model(batch["input_ids"], batch["attention_mask"])
@@ -90,13 +97,22 @@ def test_lora_reward_model_starts_from_sft_adapter_and_reloads(tiny_model_dir, l
 
     out = tmp_path / "rm-lora"
     cli = cli_main(
-        reward_args(str(lora_sft_dir), str(pref_data), str(out), "--trainer.max_steps=1", "--model.optim.lr=1e-9", "--model.model.lora.r=4")
+        reward_args(
+            str(lora_sft_dir),
+            str(pref_data),
+            str(out),
+            "--trainer.max_steps=1",
+            "--model.optim.lr=1e-9",
+            "--model.model.lora.r=4",
+        )
     )
     # initialised from the SFT adapter (lr ~ 0 so one step leaves it there), base untouched, head trainable
     sft = load_file(str(lora_sft_dir / "adapter_model.safetensors"))
     rm = dict(cli.model.model.named_parameters())
     some_key = next(k for k in sft if "lora_A" in k)
-    match = [n for n in rm if n.endswith(some_key.split("base_model.model.", 1)[1].replace(".weight", ".default.weight"))]
+    match = [
+        n for n in rm if n.endswith(some_key.split("base_model.model.", 1)[1].replace(".weight", ".default.weight"))
+    ]
     assert match and torch.allclose(rm[match[0]], sft[some_key], atol=1e-6)
     trainable = {n for n, p in cli.model.model.named_parameters() if p.requires_grad}
     assert all("lora_" in n or "score" in n for n in trainable) and any("score" in n for n in trainable)
@@ -125,7 +141,9 @@ def test_identical_pairs_are_dropped_and_counted(tiny_tokenizer, tmp_path):
 
 def test_truncation_keeps_the_response_end(tiny_tokenizer, tmp_path):
     rows = [{"prompt": "word " * 200, "chosen": "The answer is 5.", "rejected": "banana"}] * 4
-    dm = PreferenceDataModule(str(write_jsonl(tmp_path / "p.jsonl", rows)), tiny_tokenizer, max_length=16, val_fraction=0.5)
+    dm = PreferenceDataModule(
+        str(write_jsonl(tmp_path / "p.jsonl", rows)), tiny_tokenizer, max_length=16, val_fraction=0.5
+    )
     dm.setup()
     ids = dm.train_set[0]["chosen_ids"]
     assert len(ids) == 16 and "The answer is 5." in tiny_tokenizer.decode(ids)
@@ -141,7 +159,9 @@ def run_fails(args, capsys) -> str:
 
 def test_row_missing_rejected(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "p.jsonl", addition_preferences(4) + [{"prompt": "x", "chosen": "y"}])
-    msg = run_fails(reward_args(str(tiny_model_dir), str(data), str(tmp_path / "out"), "--data.val_fraction=0.4"), capsys)
+    msg = run_fails(
+        reward_args(str(tiny_model_dir), str(data), str(tmp_path / "out"), "--data.val_fraction=0.4"), capsys
+    )
     assert "has no `rejected`" in msg and not (tmp_path / "out").exists()
 
 

@@ -97,7 +97,11 @@ def test_lora_sft_trains_adapter_only_and_reloads_with_peft(tiny_model_dir, sft_
     assert trainable and all("lora_" in n for n in trainable)
     base = dict(trained.get_base_model().named_parameters())
     for name, p in initial.named_parameters():
-        key = name.replace(".weight", ".base_layer.weight") if name.replace(".weight", ".base_layer.weight") in base else name
+        key = (
+            name.replace(".weight", ".base_layer.weight")
+            if name.replace(".weight", ".base_layer.weight") in base
+            else name
+        )
         assert torch.equal(base[key], p), name
 
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()

@@ -18,11 +18,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from jsonargparse import lazy_instance
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
-from jsonargparse import lazy_instance
 
 from salsa_lightning.errors import SalsaError
 
@@ -79,7 +79,10 @@ class SalsaCLI(LightningCLI):
         # `--trainer.enable_progress_bar false` must also drop our default Rich bar, or Lightning refuses to start
         if config.get("enable_progress_bar") is False:
             defaults = self.trainer_defaults.get("callbacks", [])
-            self.trainer_defaults = {**self.trainer_defaults, "callbacks": [c for c in defaults if not isinstance(c, ProgressBar)]}
+            self.trainer_defaults = {
+                **self.trainer_defaults,
+                "callbacks": [c for c in defaults if not isinstance(c, ProgressBar)],
+            }
         return super()._instantiate_trainer(config, callbacks)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:

@@ -77,7 +77,9 @@ def encode_pairs(rows, tokenizer, max_length: int) -> tuple[list[dict[str, Any]]
             item["margin"] = float(row["margin"])
         out.append(item)
     if counts["identical_dropped"]:
-        warnings.warn(f"Dropped {counts['identical_dropped']} preference pairs whose chosen and rejected are identical.")
+        warnings.warn(
+            f"Dropped {counts['identical_dropped']} preference pairs whose chosen and rejected are identical."
+        )
     return out, counts
 
 
@@ -139,7 +141,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         if self.tokenizer is None:
-            raise SalsaError("PreferenceDataModule has no tokenizer; pass `tokenizer=` (the CLI links it from the model).")
+            raise SalsaError(
+                "PreferenceDataModule has no tokenizer; pass `tokenizer=` (the CLI links it from the model)."
+            )
         hp = self.hparams
         rows = load_rows(hp.data, hp.split)
         if hp.limit is not None:
@@ -156,7 +160,9 @@ class PreferenceDataModule(L.LightningDataModule):
             val_rows = load_rows(hp.data, hp.val_split)
         self.train_set, train_counts = encode_pairs(rows, self.tokenizer, hp.max_length)
         self.val_set, val_counts = encode_pairs(val_rows, self.tokenizer, hp.max_length)
-        self.counts = {f"train_{k}": v for k, v in train_counts.items()} | {f"val_{k}": v for k, v in val_counts.items()}
+        self.counts = {f"train_{k}": v for k, v in train_counts.items()} | {
+            f"val_{k}": v for k, v in val_counts.items()
+        }
         if not self.train_set:
             raise SalsaError(f"Every preference pair in {hp.data} has chosen == rejected; nothing to learn from.")
 

@@ -28,7 +28,9 @@ def prompt_messages(row: dict[str, Any], index: int) -> Messages:
             head.append(m)
         if head:
             return head
-    raise SalsaError(f"RL prompt row {index} has neither `prompt` nor a `messages` list with a user turn; fix that row.")
+    raise SalsaError(
+        f"RL prompt row {index} has neither `prompt` nor a `messages` list with a user turn; fix that row."
+    )
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -114,7 +116,9 @@ class PromptDataModule(L.LightningDataModule):
                 ids = ids[-hp.max_prompt_length :]
             self.rows.append({"input_ids": ids, "messages": messages})
         if self.truncated:
-            warnings.warn(f"{self.truncated} prompts were longer than max_prompt_length={hp.max_prompt_length}; kept their ends.")
+            warnings.warn(
+                f"{self.truncated} prompts were longer than max_prompt_length={hp.max_prompt_length}; kept their ends."
+            )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -34,9 +34,13 @@ def load_rows(source: str, split: str = "train"):
         try:
             return datasets.load_dataset(builder, data_files=files, split="train")
         except Exception as err:  # datasets raises many types for malformed files
-            raise SalsaError(f"Could not read {source} as {builder} ({type(err).__name__}: {err}); fix the file.") from err
+            raise SalsaError(
+                f"Could not read {source} as {builder} ({type(err).__name__}: {err}); fix the file."
+            ) from err
     if source.startswith((".", "/", "~")) or path.suffix in _BUILDERS:
-        raise SalsaError(f"The data file {source} does not exist; check the path (or generate it with `salsa_lightning data`).")
+        raise SalsaError(
+            f"The data file {source} does not exist; check the path (or generate it with `salsa_lightning data`)."
+        )
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as err:

@@ -104,7 +104,9 @@ def resolve_model_path(name_or_path: str) -> str:
             )
         return str(path.resolve())  # absolute: adapter configs and manifests must work from any directory
     if _looks_like_path(name_or_path):
-        raise SalsaError(f"The model directory {name_or_path} does not exist; check the path (or run the stage that writes it).")
+        raise SalsaError(
+            f"The model directory {name_or_path} does not exist; check the path (or run the stage that writes it)."
+        )
     return name_or_path
 
 

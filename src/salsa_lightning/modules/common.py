@@ -81,7 +81,11 @@ def format_output_dir(output_dir: str | None) -> str | None:
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in sorted(metrics.items()) if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1}
+    return {
+        k: float(v)
+        for k, v in sorted(metrics.items())
+        if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
+    }
 
 
 def save_stage_output(

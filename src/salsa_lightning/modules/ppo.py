@@ -154,7 +154,9 @@ class PPOModule(L.LightningModule):
         self.kl_hack = kl_hack or KLHackSpec()
         self.spec = model or ModelSpec()
         if (reward_model is None) == (reward_fn is None):
-            raise SalsaError("Set exactly one of `reward_model` (a reward stage output) and `reward_fn` (module:function).")
+            raise SalsaError(
+                "Set exactly one of `reward_model` (a reward stage output) and `reward_fn` (module:function)."
+            )
         if soup is not None and soup_inputs:
             raise SalsaError("Set either `soup` (a soup stage output) or `soup_inputs` (built in memory), not both.")
         if soup_inputs:
@@ -170,7 +172,9 @@ class PPOModule(L.LightningModule):
             check_output_dir(self.output_dir, overwrite)
         self.anchor_names, self.anchor_paths = self._resolve_anchors(anchor)
         self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(ModelSpec(**{**self.spec.__dict__, "name_or_path": policy_init}), padding_side="left")
+        self.tokenizer = load_tokenizer(
+            ModelSpec(**{**self.spec.__dict__, "name_or_path": policy_init}), padding_side="left"
+        )
         self._check_tokenizers()
         self.stack = None
         # PPO keeps every model in eval mode (no dropout) on purpose; Lightning would warn about it at fit start
@@ -193,7 +197,9 @@ class PPOModule(L.LightningModule):
             names = ["init"]
         elif anchor == "soup":
             if self.soup is None:
-                raise SalsaError("`anchor: soup` (SALSA) needs `soup:` set to a soup stage output; run the soup stage first.")
+                raise SalsaError(
+                    "`anchor: soup` (SALSA) needs `soup:` set to a soup stage output; run the soup stage first."
+                )
             names = ["soup"]
         elif isinstance(anchor, list) and anchor:
             names = []
@@ -202,7 +208,9 @@ class PPOModule(L.LightningModule):
                 paths[name] = path
                 names.append(name)
         else:
-            raise SalsaError(f"Unknown anchor {anchor!r}; use `init` (PPO), `soup` (SALSA) or a list of model directories (MKL).")
+            raise SalsaError(
+                f"Unknown anchor {anchor!r}; use `init` (PPO), `soup` (SALSA) or a list of model directories (MKL)."
+            )
         return names, paths
 
     def _warn_if_soup_lacks_init(self) -> None:
@@ -244,11 +252,18 @@ class PPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.stack.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=self.optim.betas, eps=self.optim.eps)
+        optimizer = torch.optim.AdamW(
+            params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=self.optim.betas, eps=self.optim.eps
+        )
         from transformers import get_scheduler
 
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_scheduler(self.optim.schedule, optimizer, num_warmup_steps=int(self.optim.warmup_ratio * total), num_training_steps=total)
+        scheduler = get_scheduler(
+            self.optim.schedule,
+            optimizer,
+            num_warmup_steps=int(self.optim.warmup_ratio * total),
+            num_training_steps=total,
+        )
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
     def configure_callbacks(self):
@@ -297,19 +312,27 @@ class PPOModule(L.LightningModule):
         logp = self._logprobs(logits, response)  # (B, R)
         entropy = rl.entropy_from_logits(rl.response_logits(logits, response.shape[1]), self.gen.temperature)
         del logits
-        anchor_logp = {name: self._logprobs(self.stack.anchor_logits(name, ids, mask, pos), response) for name in self.anchor_paths}
+        anchor_logp = {
+            name: self._logprobs(self.stack.anchor_logits(name, ids, mask, pos), response) for name in self.anchor_paths
+        }
         values = rl.response_logits(self.stack.values(ids, mask, pos), response.shape[1])  # (B, R)
         timings["time/forward"] = time.perf_counter() - t0
 
         if len(self.anchor_names) == 1:
             kl = rl.kl_penalty(logp, anchor_logp[self.anchor_names[0]], self.ppo.kl_estimator)
         else:
-            kl = rl.multi_anchor_kl(logp, torch.stack([anchor_logp[n] for n in self.anchor_names]), self.ppo.kl_estimator)
-        named_kls = {n: rl.kl_penalty(logp, anchor_logp[n], self.ppo.kl_estimator) for n in ("init", "soup") if n in anchor_logp}
+            kl = rl.multi_anchor_kl(
+                logp, torch.stack([anchor_logp[n] for n in self.anchor_names]), self.ppo.kl_estimator
+            )
+        named_kls = {
+            n: rl.kl_penalty(logp, anchor_logp[n], self.ppo.kl_estimator) for n in ("init", "soup") if n in anchor_logp
+        }
         raw_scores = scores
         scores = rl.apply_missing_eos_penalty(scores, has_eos, self.ppo.missing_eos_penalty)
         shaped = rl.shape_rewards(scores, kl, resp_mask, self.kl_ctl.value)
-        gae = rl.compute_gae(shaped.rewards, values, resp_mask, self.ppo.gamma, self.ppo.lam, whiten=self.ppo.whiten_advantages)
+        gae = rl.compute_gae(
+            shaped.rewards, values, resp_mask, self.ppo.gamma, self.ppo.lam, whiten=self.ppo.whiten_advantages
+        )
         metrics = rl.rollout_metrics(scores, shaped, kl, resp_mask, has_eos, entropy, named_kls)
         metrics["val/explained_variance"] = rl.explained_variance(values, gae.returns, resp_mask)
         metrics["kl_coef"] = torch.tensor(self.kl_ctl.value)
@@ -325,7 +348,9 @@ class PPOModule(L.LightningModule):
         if self.reward_fn is not None:
             return torch.tensor([float(x) for x in self.reward_fn(messages, texts)], device=self.device)
         seqs = [
-            self.tokenizer(self.tokenizer.apply_chat_template(conversation(m, t), tokenize=False), add_special_tokens=False)["input_ids"]
+            self.tokenizer(
+                self.tokenizer.apply_chat_template(conversation(m, t), tokenize=False), add_special_tokens=False
+            )["input_ids"]
             for m, t in zip(messages, texts)
         ]
         ids = pad_sequences(seqs, self.tokenizer.pad_token_id).to(self.device)
@@ -334,7 +359,9 @@ class PPOModule(L.LightningModule):
         if self.ppo.normalize_reward:
             stats = (read_manifest(resolve_model_path(self.reward_model)) or {}).get("reward_stats")
             if not stats:
-                raise SalsaError(f"normalize_reward needs reward stats in {self.reward_model}; re-run the reward stage.")
+                raise SalsaError(
+                    f"normalize_reward needs reward stats in {self.reward_model}; re-run the reward stage."
+                )
             scores = rl.normalize_scores(scores, stats["mean"], stats["std"])
         return scores
 
@@ -346,7 +373,9 @@ class PPOModule(L.LightningModule):
         torch.manual_seed((current_seed() or 0) * 1_000_003 + self.updates_done)
         roll = self.rollout(batch)
         metrics = dict(roll["metrics"])
-        if not all(torch.isfinite(torch.as_tensor(v)).all() for k, v in metrics.items() if k != "val/explained_variance"):
+        if not all(
+            torch.isfinite(torch.as_tensor(v)).all() for k, v in metrics.items() if k != "val/explained_variance"
+        ):
             self._skip_nonfinite("rollout")
             return
         opt = self.optimizers()
@@ -362,9 +391,13 @@ class PPOModule(L.LightningModule):
                 mb_ids, mb_mask, mb_pos = roll["ids"][idx], roll["mask"][idx], roll["pos"][idx]
                 mb_response, mb_resp_mask = roll["response"][idx], roll["resp_mask"][idx]
                 new_logp = self._logprobs(self.stack.policy_logits(mb_ids, mb_mask, mb_pos), mb_response)
-                pg = rl.policy_loss(new_logp, roll["logp"][idx], roll["advantages"][idx], mb_resp_mask, self.ppo.cliprange)
+                pg = rl.policy_loss(
+                    new_logp, roll["logp"][idx], roll["advantages"][idx], mb_resp_mask, self.ppo.cliprange
+                )
                 new_values = rl.response_logits(self.stack.values(mb_ids, mb_mask, mb_pos), mb_response.shape[1])
-                vf = rl.value_loss(new_values, roll["values"][idx], roll["returns"][idx], mb_resp_mask, self.ppo.cliprange_value)
+                vf = rl.value_loss(
+                    new_values, roll["values"][idx], roll["returns"][idx], mb_resp_mask, self.ppo.cliprange_value
+                )
                 loss = pg.loss + self.ppo.vf_coef * vf.loss
                 if not torch.isfinite(loss):
                     opt.zero_grad()
@@ -457,7 +490,9 @@ class PPOModule(L.LightningModule):
         import json
 
         extra = {"history.json": json.dumps(self.history, indent=1)}
-        path = save_ppo_policy(self.output_dir, policy, self.tokenizer, manifest, self.resolved_config, self.overwrite, extra)
+        path = save_ppo_policy(
+            self.output_dir, policy, self.tokenizer, manifest, self.resolved_config, self.overwrite, extra
+        )
         rank_zero_info(f"PPO policy written to {path}")
 
 

@@ -143,7 +143,9 @@ class RewardModule(L.LightningModule):
             "reward_stats": stats,
             "data_counts": getattr(datamodule, "counts", {}),
         }
-        path = save_stage_output(self.output_dir, self.model, self.tokenizer, manifest, self.resolved_config, self.overwrite)
+        path = save_stage_output(
+            self.output_dir, self.model, self.tokenizer, manifest, self.resolved_config, self.overwrite
+        )
         rank_zero_info(f"Reward model written to {path} (val accuracy {manifest['val_accuracy']:.3f})")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import nn
@@ -40,7 +39,7 @@ class InMemorySoup:
     weights: tuple[float, ...] | None = None
 
 
-Anchor = Union[str, InMemorySoup]
+Anchor = str | InMemorySoup
 
 
 def _backbone(model):
@@ -85,9 +84,13 @@ class FullStack(nn.Module):
         pad = self.policy.config.pad_token_id
         reward_spec = ModelSpec(**{**spec.__dict__, "name_or_path": reward or policy_init, "lora": None})
         if reward is not None:
-            self.reward = _merge_if_peft(load_reward_model(reward_spec, trainable=False, pad_token_id=pad)).requires_grad_(False)
+            self.reward = _merge_if_peft(
+                load_reward_model(reward_spec, trainable=False, pad_token_id=pad)
+            ).requires_grad_(False)
         # the critic starts from the reward model, or (programmatic reward) from the policy's own weights
-        self.value = _merge_if_peft(load_reward_model(reward_spec, trainable=True, pad_token_id=pad)).requires_grad_(True)
+        self.value = _merge_if_peft(load_reward_model(reward_spec, trainable=True, pad_token_id=pad)).requires_grad_(
+            True
+        )
         if value_head == "reinit" or reward is None:
             nn.init.zeros_(unwrap(self.value).score.weight)
 
@@ -152,7 +155,10 @@ class LoraStack(nn.Module):
                     f"The LoRA layout needs every model as an adapter on one base, but {name} ({path}) holds full "
                     "weights; use `layout: full`, or train that stage with LoRA."
                 )
-        bases = {name: str(Path(resolve_model_path(adapter_base(resolve_model_path(p)))).resolve()) for name, p in sources.items()}
+        bases = {
+            name: str(Path(resolve_model_path(adapter_base(resolve_model_path(p)))).resolve())
+            for name, p in sources.items()
+        }
         if len(set(bases.values())) > 1:
             raise SalsaError(
                 f"The LoRA layout needs one shared base, but the adapters sit on different bases: {bases}; "
@@ -160,7 +166,9 @@ class LoraStack(nn.Module):
             )
         base = _from_pretrained(AutoModelForCausalLM, adapter_base(resolve_model_path(policy_init)), spec)
         base.requires_grad_(False)
-        self.model = PeftModel.from_pretrained(base, resolve_model_path(policy_init), adapter_name="policy", is_trainable=True)
+        self.model = PeftModel.from_pretrained(
+            base, resolve_model_path(policy_init), adapter_name="policy", is_trainable=True
+        )
         for name, path in anchors.items():
             if isinstance(path, InMemorySoup):
                 self._add_soup_adapter(name, path)
@@ -190,7 +198,9 @@ class LoraStack(nn.Module):
         self.model.add_adapter(name, souped.peft_config())
         result = set_peft_model_state_dict(self.model, souped.state_dict, adapter_name=name)
         if result.unexpected_keys:
-            raise SalsaError(f"The souped adapter does not fit the policy's base model; check soup_inputs {soup.inputs}.")
+            raise SalsaError(
+                f"The souped adapter does not fit the policy's base model; check soup_inputs {soup.inputs}."
+            )
 
     def _add_scoring_adapter(self, name: str, path: str, head: nn.Linear) -> None:
         """A sequence-classification adapter (reward stage output) split into a LoRA adapter on the causal-LM
@@ -218,7 +228,9 @@ class LoraStack(nn.Module):
         head.weight.data.copy_(weights.pop(score[0]).to(head.weight.dtype))
         result = set_peft_model_state_dict(self.model, weights, adapter_name=name)
         if result.unexpected_keys:
-            raise SalsaError(f"The reward adapter {path} does not fit the policy's base model; retrain it on that base.")
+            raise SalsaError(
+                f"The reward adapter {path} does not fit the policy's base model; retrain it on that base."
+            )
 
     def _set_flags(self) -> None:
         # PEFT's set_adapter makes only the active adapter trainable; PPO trains two at once.
@@ -256,7 +268,9 @@ class LoraStack(nn.Module):
         return self.model
 
 
-def build_stack(layout: str, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str | None, value_head: str):
+def build_stack(
+    layout: str, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str | None, value_head: str
+):
     if layout == "auto":
         adapters = [policy_init, *([reward] if reward else [])]
         for anchor in anchors.values():

@@ -44,7 +44,9 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """Scalar reward per row (B,): the head applied to the hidden state of the last real token."""
     seqcls = unwrap(model)
     backbone = getattr(seqcls, seqcls.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state  # (B, T, H)
     idx = last_token_index(attention_mask)  # (B,)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
     return seqcls.score(last).squeeze(-1).float()  # (B,)
