@@ -23,7 +23,7 @@ def pipeline(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo-pipeline")
     sft = write_jsonl(root / "sft.jsonl", addition_conversations(48))
     prefs = write_jsonl(root / "prefs.jsonl", addition_preferences(48))
-    prompts = write_jsonl(
+    write_jsonl(
         root / "prompts.jsonl", [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(16, seed=9)]
     )
     for seed in (1, 2):
