@@ -96,9 +96,9 @@ def _matches(printed: str, value: float) -> bool:
 
 @pytest.mark.parametrize("row", PAPER_ROWS, ids=lambda r: f"table{r[0]}-{r[1]}-{r[2]}")
 def test_paper_tables_from_their_counts(row):
-    _, _, _, w, l, t, wr, adj = row
-    assert _matches(wr, win_rate(w, l, t))
-    assert _matches(adj, adjusted_win_rate(w, l, t))
+    _, _, _, wins, losses, ties, wr, adj = row
+    assert _matches(wr, win_rate(wins, losses, ties))
+    assert _matches(adj, adjusted_win_rate(wins, losses, ties))
 
 
 def test_paper_table2_first_row_exactly():
@@ -109,13 +109,13 @@ def test_paper_table2_first_row_exactly():
 
 
 def test_paper_typo_rows_do_not_follow_from_their_counts():
-    for _, _, _, w, l, t, _, adj in PAPER_TYPO_ROWS:
-        assert not _matches(adj, adjusted_win_rate(w, l, t))
+    for _, _, _, wins, losses, ties, _, adj in PAPER_TYPO_ROWS:
+        assert not _matches(adj, adjusted_win_rate(wins, losses, ties))
 
 
 def test_both_sides_of_a_comparison_add_up_to_100():
-    for w, l, t in [(29, 21, 110), (0, 0, 5), (7, 0, 0), (3, 9, 1)]:
-        assert adjusted_win_rate(w, l, t) + adjusted_win_rate(l, w, t) == pytest.approx(100.0)
+    for wins, losses, ties in [(29, 21, 110), (0, 0, 5), (7, 0, 0), (3, 9, 1)]:
+        assert adjusted_win_rate(wins, losses, ties) + adjusted_win_rate(losses, wins, ties) == pytest.approx(100.0)
 
 
 def test_a_judge_that_always_says_tie_gives_50():
@@ -199,7 +199,7 @@ def test_sequence_kl_hand_computed_and_naive():
     kl = sequence_kl(logp, ref)
     # (-1 + 1.5) + (-2 + 1) = -0.5;  -0.5 + 0.25 = -0.25;  an empty response has KL 0
     torch.testing.assert_close(kl, torch.tensor([-0.5, -0.25, 0.0]))
-    naive = [sum(float(a) - float(b) for a, b in zip(x, y)) for x, y in zip(logp, ref)]
+    naive = [sum(float(a) - float(b) for a, b in zip(x, y, strict=True)) for x, y in zip(logp, ref, strict=True)]
     assert kl.tolist() == pytest.approx(naive)
     assert sequence_kl(logp, logp).tolist() == [0.0, 0.0, 0.0]
 
