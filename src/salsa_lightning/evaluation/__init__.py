@@ -1,0 +1,16 @@
+"""Evaluation (paper §4, DESIGN §5): pairwise win rates of systems on evaluation prompts, plus per-system
+means (gold score, reward, length, KL to references) and the reward distributions of two systems.
+
+    python -m salsa_lightning evaluate --config configs/quickstart/eval.yaml
+
+- `stats`: `win_rate`, `adjusted_win_rate`, `bootstrap_interval` — pure functions, as in the paper's tables;
+- `generation`: batched greedy generation and log-probs of stored responses;
+- `kl`: per-response KL of a policy to a reference on the policy's own responses;
+- `report`: Rich / CSV / Markdown tables and the distribution plot;
+- `run`: `run_evaluate(EvalConfig)`, the stage itself.
+"""
+
+from salsa_lightning.evaluation.config import EvalConfig
+from salsa_lightning.evaluation.stats import adjusted_win_rate, bootstrap_interval, count_verdicts, win_rate
+
+__all__ = ["EvalConfig", "adjusted_win_rate", "bootstrap_interval", "count_verdicts", "win_rate"]

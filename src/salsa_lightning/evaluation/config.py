@@ -1,0 +1,56 @@
+"""`EvalConfig`: the fields of `python -m salsa_lightning evaluate` (each docstring becomes its `--help`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Judge = Literal["gold", "reward"]
+
+
+@dataclass
+class EvalConfig:
+    """Generate responses from several systems on evaluation prompts and judge them pairwise (paper §4, Tables 2–4)."""
+
+    systems: dict[str, str] = field(default_factory=dict)
+    """System name -> stage output directory or model id, e.g. {salsa: outputs/salsa, ppo: outputs/ppo, sft: ...}."""
+    pairs: list[list[str]] | None = None
+    """Pairs [a, b] to judge (verdicts from a's point of view); default every pair of `systems` in their order."""
+    eval_files: dict[str, str] = field(default_factory=dict)
+    """Split name -> JSONL of prompts (`prompt` string/messages, or `messages`), e.g. {id: .../eval_id.jsonl}."""
+    judges: list[Judge] = field(default_factory=lambda: ["gold"])
+    """`gold`: the task suite's programmatic judge; `reward`: the reward model's scores (a tie within a margin)."""
+    reward_model: str | None = None
+    """Reward stage output: needed by the `reward` judge; also gives each system's mean reward and the plot."""
+    reward_tie_margin: float = 0.0
+    """The reward judge calls a tie when the two responses' rewards differ by at most this much (raw reward units)."""
+    max_new_tokens: int = 128
+    """Longest response; one that reaches it without an end-of-turn token is cut there."""
+    max_prompt_length: int = 512
+    """Longer prompts keep their last tokens (counted in results.json)."""
+    batch_size: int = 16
+    """Prompts per generation / scoring batch."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding (greedy, the default, makes a run repeatable)."""
+    temperature: float = 1.0
+    """Sampling temperature when `do_sample` is on."""
+    limit: int | None = None
+    """Use only the first `limit` prompts of each split."""
+    kl_reference: dict[str, str] | None = None
+    """Name -> model (e.g. {init: sft seed 1 output, soup: soup output}): each system's KL to it, Σ_t log π - log π_ref
+    over its own responses' tokens, averaged over prompts."""
+    plot_pair: list[str] | None = None
+    """The two systems whose reward distributions are plotted (paper Fig. 3); default the first pair."""
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples of the prompts for the 95% intervals of the win rates."""
+    seed: int = 0
+    """Seed of the bootstrap (and of sampling when `do_sample` is on)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype of every model loaded (auto = bfloat16 on a GPU that supports it, float32 otherwise)."""
+    output_dir: str = "outputs/quickstart/eval"
+    """Where to write tables, responses, the plot, config.yaml and salsa_manifest.json."""
+    overwrite: bool = False
+    """Replace `output_dir` if it exists (the old one is removed only after the new one is complete)."""
+    reuse_responses: bool = True
+    """With `overwrite`, take the responses of a system and split from the existing `output_dir` when the model
+    files, the prompts and the generation settings are unchanged (re-judging without regenerating)."""

@@ -1,0 +1,276 @@
+"""The `evaluate` stage on tiny systems: every table and the plot are written, the judges do what they say,
+KL to oneself is 0, responses are reused when nothing changed, and bad input leaves nothing behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import addition_conversations, addition_preferences, reward_args, sft_args, write_jsonl
+
+from salsa_lightning.cli import EXTRA_COMMANDS, ExtraCommand, cli_main, main
+from salsa_lightning.data.tasks import TaskSuiteConfig, build_task_suite
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.evaluation.config import EvalConfig
+from salsa_lightning.evaluation.run import run_evaluate
+from salsa_lightning.models.tiny import save_tiny_checkpoint
+from salsa_lightning.stage import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ["win_rates.csv", "win_rates.md", "systems.csv", "systems.md", "results.json", "judgements.jsonl"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: thread start-up costs more than the matmuls, and the machine's cores are shared
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def systems(tiny_model_dir, tmp_path_factory):
+    """Tiny systems: the base, another random init, a LoRA SFT adapter on the base; a reward model; eval prompts."""
+    root = tmp_path_factory.mktemp("eval-systems")
+    save_tiny_checkpoint(root / "other", seed=1)
+    quiet = ("--trainer.max_steps=1", "--trainer.enable_progress_bar=false")
+    sft = write_jsonl(root / "sft.jsonl", addition_conversations(16))
+    prefs = write_jsonl(root / "prefs.jsonl", addition_preferences(16))
+    cwd = os.getcwd()
+    os.chdir(root)  # `fit` without a logger saves its config.yaml in the working directory, not in the repository
+    try:
+        main(sft_args(str(tiny_model_dir), str(sft), str(root / "sft"), "--model.model.lora.r=4", *quiet))
+        main(reward_args(str(tiny_model_dir), str(prefs), str(root / "rm"), *quiet))
+    finally:
+        os.chdir(cwd)
+    suite = build_task_suite(
+        TaskSuiteConfig(num_sft=0, num_prefs_train=0, num_prefs_test=0, num_rl_prompts=0, num_eval=5)
+    )
+    write_jsonl(root / "eval_id.jsonl", suite["eval_id.jsonl"])
+    write_jsonl(root / "eval_ood.jsonl", suite["eval_ood.jsonl"])
+    return {
+        "root": root,
+        "base": str(tiny_model_dir),
+        "other": str(root / "other"),
+        "sft": str(root / "sft"),
+        "rm": str(root / "rm"),
+    }
+
+
+def config(built: dict, out: Path, **overrides) -> EvalConfig:
+    root = built["root"]
+    kwargs = {
+        "systems": {"sft": built["sft"], "base": built["base"], "other": built["other"]},
+        "eval_files": {"id": str(root / "eval_id.jsonl"), "ood": str(root / "eval_ood.jsonl")},
+        "judges": ["gold", "reward"],
+        "reward_model": built["rm"],
+        "max_new_tokens": 6,
+        "batch_size": 3,
+        "limit": 4,
+        "bootstrap_samples": 200,
+        "output_dir": str(out),
+        **overrides,
+    }
+    return EvalConfig(**kwargs)
+
+
+def register_evaluate(monkeypatch) -> None:
+    """What commands.py will do (`register_command("evaluate", ...)`), undone after the test."""
+    config, run = "salsa_lightning.evaluation.config:EvalConfig", "salsa_lightning.evaluation.run:run_evaluate"
+    monkeypatch.setitem(EXTRA_COMMANDS, "evaluate", ExtraCommand(config, run, "Evaluate systems pairwise."))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def evaluated(systems, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-run") / "eval"
+    kl = {"init": systems["base"], "sft": systems["sft"]}
+    results = run_evaluate(config(systems, out, kl_reference=kl), quiet=True)
+    return out, results
+
+
+def test_writes_every_table_the_plot_and_a_manifest(evaluated):
+    out, results = evaluated
+    for name in [*TABLES, "reward_distribution.png", "config.yaml", "salsa_manifest.json"]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "reward_distribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = read_manifest(out)
+    assert manifest["stage"] == "evaluate"
+    assert sorted(p.name for p in out.iterdir()) == manifest["files"]
+    assert manifest["pairs"] == [["sft", "base"], ["sft", "other"], ["base", "other"]]  # all pairs, in order
+    assert yaml.safe_load((out / "config.yaml").read_text())["systems"]["sft"].endswith("sft")
+
+    # 2 judges x 3 pairs x 2 splits, in the CSV, results.json and the Markdown
+    rows = list(csv.DictReader(open(out / "win_rates.csv")))
+    assert len(rows) == len(results["pairs"]) == 12
+    for r in rows:
+        assert int(r["wins"]) + int(r["losses"]) + int(r["ties"]) == int(r["n"]) == 4
+        assert float(r["adjusted_win_rate_lo"]) <= float(r["adjusted_win_rate"]) <= float(r["adjusted_win_rate_hi"])
+    md = (out / "win_rates.md").read_text()
+    assert "### Judge: gold" in md and "### Judge: reward" in md and "| sft vs base |" in md
+    assert "id Adj. Win Rate" in md and "ood Adj. Win Rate" in md
+
+    systems_rows = list(csv.DictReader(open(out / "systems.csv")))
+    assert {(r["system"], r["split"]) for r in systems_rows} == {
+        (s, p) for s in ("sft", "base", "other") for p in ("id", "ood")
+    }
+    assert {"gold_score", "reward", "length", "kl_init", "kl_sft"} <= set(systems_rows[0])
+    assert "kl_init" in (out / "systems.md").read_text()
+
+    for system in ("sft", "base", "other"):
+        for split in ("id", "ood"):
+            rows = read_jsonl(out / f"responses_{system}_{split}.jsonl")
+            assert len(rows) == 4
+            assert all(r["num_tokens"] == len(r["response_ids"]) <= 6 for r in rows)
+            assert all({"reward", "gold_score", "kl"} <= set(r) for r in rows)
+
+
+def test_gold_judge_on_untrained_systems_says_tie_and_gives_50(evaluated):
+    # random tiny models answer no suite task, so every gold verdict is a tie
+    _, results = evaluated
+    for r in (r for r in results["pairs"] if r["judge"] == "gold"):
+        assert (r["wins"], r["losses"], r["ties"]) == (0, 0, 4)
+        assert r["adjusted_win_rate"] == 50.0 and r["win_rate"] == 0.0
+        assert r["adjusted_win_rate_ci"] == [50.0, 50.0]
+
+
+def test_kl_of_a_system_to_itself_is_zero(evaluated):
+    _, results = evaluated
+    by = {(r["system"], r["split"]): r for r in results["systems"]}
+    for split in ("id", "ood"):
+        assert by[("base", split)]["kl"]["init"] == 0.0  # the base is the `init` reference
+        assert by[("sft", split)]["kl"]["sft"] == 0.0
+        assert by[("other", split)]["kl"]["init"] != 0.0  # another init does differ
+
+
+def test_kl_and_lengths_match_the_response_files(evaluated):
+    out, results = evaluated
+    by = {(r["system"], r["split"]): r for r in results["systems"]}
+    rows = read_jsonl(out / "responses_other_id.jsonl")
+    assert by[("other", "id")]["kl"]["init"] == pytest.approx(sum(r["kl"]["init"] for r in rows) / len(rows))
+    assert by[("other", "id")]["length"] == pytest.approx(sum(r["num_tokens"] for r in rows) / len(rows))
+    assert by[("other", "id")]["reward"] == pytest.approx(sum(r["reward"] for r in rows) / len(rows))
+
+
+def test_reward_judge_follows_the_rewards_and_its_tie_margin(systems, tmp_path):
+    # sampling makes the two systems' responses (and rewards) differ
+    two = {"base": systems["base"], "other": systems["other"]}
+    cfg = config(systems, tmp_path / "eval", systems=two, judges=["reward"], do_sample=True, seed=3, max_new_tokens=4)
+    first = run_evaluate(cfg, quiet=True)
+    a = read_jsonl(tmp_path / "eval" / "responses_base_id.jsonl")
+    b = read_jsonl(tmp_path / "eval" / "responses_other_id.jsonl")
+    expected = [
+        "win" if x["reward"] > y["reward"] else "loss" if x["reward"] < y["reward"] else "tie"
+        for x, y in zip(a, b, strict=True)
+    ]
+    judged = [j["verdict"] for j in read_jsonl(tmp_path / "eval" / "judgements.jsonl") if j["split"] == "id"]
+    assert judged == expected
+    id_row = next(r for r in first["pairs"] if r["split"] == "id")
+    assert id_row["wins"] + id_row["losses"] > 0
+
+    # a margin wider than any reward gap: every verdict is a tie, and the responses are reused, not regenerated
+    cfg.reward_tie_margin, cfg.overwrite = 1e6, True
+    second = run_evaluate(cfg, quiet=True)
+    for r in second["pairs"]:
+        assert (r["wins"], r["losses"], r["ties"]) == (0, 0, 4) and r["adjusted_win_rate"] == 50.0
+    assert all(s["reused_responses"] for s in second["systems"])
+    assert read_jsonl(tmp_path / "eval" / "responses_base_id.jsonl") == a
+
+
+def test_sampling_is_repeatable_for_a_seed(systems, tmp_path):
+    two = {"base": systems["base"], "other": systems["other"]}
+    common = {
+        "systems": two,
+        "judges": ["gold"],
+        "reward_model": None,
+        "max_new_tokens": 4,
+        "eval_files": {"id": str(systems["root"] / "eval_id.jsonl")},
+    }
+    texts = []
+    for name, extra in [("s1", {"do_sample": True, "seed": 5}), ("s2", {"do_sample": True, "seed": 5})]:
+        run_evaluate(config(systems, tmp_path / name, **common, **extra), quiet=True)
+        texts.append([r["response_ids"] for r in read_jsonl(tmp_path / name / "responses_other_id.jsonl")])
+    assert texts[0] == texts[1]
+
+
+def test_cli_runs_the_command_from_yaml(systems, tmp_path, monkeypatch):
+    register_evaluate(monkeypatch)
+    root = systems["root"]
+    cfg = {
+        "systems": {"sft": systems["sft"], "base": systems["base"]},
+        "pairs": [["sft", "base"]],
+        "eval_files": {"ood": str(root / "eval_ood.jsonl")},
+        "judges": ["gold"],
+        "max_new_tokens": 4,
+        "limit": 3,
+        "bootstrap_samples": 50,
+        "output_dir": str(tmp_path / "eval"),
+    }
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = cli_main(["evaluate", "--config", str(path), "--batch_size", "2"])
+    assert cli.result["pairs"][0]["n"] == 3
+    assert yaml.safe_load((tmp_path / "eval" / "config.yaml").read_text())["batch_size"] == 2
+    # without a reward model the plot shows the gold scores
+    assert cli.result["plot"]["quantity"] == "gold score" and (tmp_path / "eval" / "reward_distribution.png").is_file()
+
+    # a user error through `main`: one line, exit status 2, nothing written
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--config", str(path), "--output_dir", str(tmp_path / "bad"), "--pairs", "[[sft, nope]]"])
+    assert exc.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_quickstart_eval_config_parses(monkeypatch, capsys):
+    register_evaluate(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["evaluate", "--config", str(ROOT / "configs/quickstart/eval.yaml"), "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert set(printed["systems"]) == {"salsa", "ppo", "sft"}
+    assert set(printed["kl_reference"]) == {"init", "soup"}
+    assert printed["pairs"] == [["salsa", "ppo"], ["salsa", "sft"], ["ppo", "sft"]]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"pairs": [["sft", "nope"]]}, "not in `systems`"),
+        ({"pairs": [["sft", "sft"]]}, "with itself"),
+        ({"eval_files": {"id": "missing/eval_id.jsonl"}}, "does not exist"),
+        ({"judges": ["reward"], "reward_model": None}, "needs a reward model"),
+        ({"systems": {"a": "./missing/model-dir"}}, "does not exist"),
+        ({"systems": {"a": "no-such-org/no-such-model"}}, "Could not load model"),
+        ({"systems": {"bad/name": "x"}}, "file names"),
+        ({"plot_pair": ["sft", "nope"]}, "plot_pair"),
+        ({"reward_tie_margin": -1.0}, "reward_tie_margin"),
+    ],
+)
+def test_bad_input_is_refused_and_leaves_nothing(systems, tmp_path, overrides, match):
+    with pytest.raises(SalsaError, match=match):
+        run_evaluate(config(systems, tmp_path / "eval", **overrides), quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_suite_prompts_are_refused_by_the_gold_judge(systems, tmp_path):
+    write_jsonl(tmp_path / "free.jsonl", [{"prompt": "Tell me a story."}])
+    with pytest.raises(SalsaError, match="gold judge"):
+        run_evaluate(config(systems, tmp_path / "eval", eval_files={"free": str(tmp_path / "free.jsonl")}), quiet=True)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_existing_output_dir_is_refused_and_kept(systems, tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SalsaError, match="already exists"):
+        run_evaluate(config(systems, out), quiet=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["eval"] and (out / "keep.txt").read_text() == "mine"
