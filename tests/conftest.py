@@ -9,6 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tiny models: one thread avoids oversubscribing small CPUs (much faster on 2 shared cores)
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

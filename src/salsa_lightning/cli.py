@@ -50,6 +50,11 @@ class StageConfigCallback(SaveConfigCallback):
     """Saves the resolved config to the log dir (Lightning's behaviour) and hands it to the module, which
     writes it into its stage output next to the weights."""
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # with no logger there is no log directory: don't drop config.yaml into the working directory
+        self.save_to_log_dir = trainer.logger is not None
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if hasattr(pl_module, "resolved_config"):
             pl_module.resolved_config = self.parser.dump(self.config, skip_none=False)

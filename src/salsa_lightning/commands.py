@@ -14,3 +14,9 @@ register_command(
     run="salsa_lightning.soup.run:run_soup",
     help="Average several SFT seeds (full weights, or LoRA adapters exactly) into a model soup.",
 )
+register_command(
+    "evaluate",
+    config="salsa_lightning.evaluation.config:EvalConfig",
+    run="salsa_lightning.evaluation.run:run_evaluate",
+    help="Generate responses from several systems and judge them pairwise: win rates, KL, reward distributions.",
+)
