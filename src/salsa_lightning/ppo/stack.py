@@ -216,4 +216,8 @@ def build_stack(layout: str, spec: ModelSpec, policy_init: str, anchors: dict[st
         adapters = [policy_init, *anchors.values(), *([reward] if reward else [])]
         layout = "lora" if all(is_adapter_dir(resolve_model_path(p)) for p in adapters) else "full"
     cls = {"full": FullStack, "lora": LoraStack}[layout]
+    if cls is FullStack:
+        from salsa_lightning.models.quantization import refuse_full_weights
+
+        refuse_full_weights(spec, "PPO's full layout (separate full-weight models)")
     return cls(spec, policy_init, anchors, reward, value_head)
