@@ -79,7 +79,7 @@ def test_fsdp2_sft_on_two_processes_matches_one_process(tiny_model_dir, tmp_path
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     per_rank = [json.loads((tmp_path / f"sharded-loss.rank{r}.json").read_text()) for r in (0, 1)]
-    sharded = [(a + b) / 2 for a, b in zip(*per_rank)]  # each rank's loss is its half of the global batch
+    sharded = [(a + b) / 2 for a, b in zip(*per_rank, strict=True)]  # each rank's loss is its half of the global batch
     assert sharded == pytest.approx(reference, rel=RTOL)
     assert reference[-1] < reference[0]  # it trained, so agreement is not the trivial one
 
