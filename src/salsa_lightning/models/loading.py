@@ -64,6 +64,9 @@ class ModelSpec:
     """Attention kernel: sdpa, eager, flash_attention_2 (None lets transformers choose)."""
     lora: LoraSpec | None = None
     """Train a LoRA adapter on a frozen base instead of all weights (None = full fine-tuning)."""
+    quantization: Literal["none", "nf4"] = "none"
+    """Load the frozen base in 4-bit NF4 with double quantisation (bitsandbytes; QLoRA). Needs `lora`; matmuls
+    run in bf16 on a GPU, float32 on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     trust_remote_code: bool = False
@@ -172,8 +175,11 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: str = "right"):
 
 
 def _from_pretrained(cls, name: str, spec: ModelSpec, **kwargs):
+    from salsa_lightning.models.quantization import is_quantized, prepare_quantized, quantized_load_kwargs
+
     path = resolve_model_path(name)
     kwargs = {
+        **quantized_load_kwargs(spec),
         "dtype": resolve_dtype(spec.dtype),
         "trust_remote_code": spec.trust_remote_code,
         "revision": spec.revision,
@@ -182,9 +188,10 @@ def _from_pretrained(cls, name: str, spec: ModelSpec, **kwargs):
         **kwargs,
     }
     try:
-        return cls.from_pretrained(path, **kwargs)
+        model = cls.from_pretrained(path, **kwargs)
     except OSError as err:
         raise _hub_error(name, err) from err
+    return prepare_quantized(model, spec) if is_quantized(spec) else model
 
 
 def lora_config(lora: LoraSpec, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
@@ -212,8 +219,12 @@ def load_causal_lm(spec: ModelSpec | str, trainable: bool = True):
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from salsa_lightning.models.quantization import refuse_full_weights
+
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
     path = resolve_model_path(spec.name_or_path)
+    if trainable and spec.lora is None and not is_adapter_dir(path):
+        refuse_full_weights(spec, f"Fine-tuning {spec.name_or_path} without `lora`")
     if is_adapter_dir(path):
         base = _from_pretrained(AutoModelForCausalLM, adapter_base(path), spec)
         model = PeftModel.from_pretrained(base, path, is_trainable=trainable)

@@ -96,10 +96,13 @@ def save_stage_output(
     resolved_config: str | None,
     overwrite: bool,
     extra_files: dict[str, str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a stage output (HF `save_pretrained` weights or adapter, tokenizer, config, manifest) atomically."""
+    """Write a stage output (HF `save_pretrained` weights or adapter, tokenizer, config, manifest) atomically.
+
+    `state_dict`: the gathered full weights of a sharded model (`distributed.full_state_dict`)."""
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         if resolved_config is not None:
             (tmp / CONFIG_NAME).write_text(resolved_config)

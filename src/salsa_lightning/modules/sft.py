@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from salsa_lightning.data.chat import IGNORE_INDEX
+from salsa_lightning.distributed import FSDPSpec, full_state_dict, shard_decoder_layers, uses_fsdp2
 from salsa_lightning.models.loading import ModelSpec, canonical_model_ref, is_peft_model, load_causal_lm, load_tokenizer
 from salsa_lightning.modules.common import (
     OptimSpec,
@@ -46,6 +47,7 @@ class SFTModule(L.LightningModule):
         optim: OptimSpec | None = None,
         output_dir: str | None = None,
         overwrite: bool = False,
+        fsdp: FSDPSpec | None = None,
     ):
         """
         Args:
@@ -54,12 +56,14 @@ class SFTModule(L.LightningModule):
             output_dir: Where the trained model is written at the end of `fit` (None: not written); `{seed}` is
                 replaced by the `--seed_everything` value.
             overwrite: Replace `output_dir` if it exists (otherwise the run refuses to start).
+            fsdp: FSDP2 settings (mixed precision, CPU offload), used with `--trainer.strategy ModelParallelStrategy`.
         """
         super().__init__()
         self.spec = model or ModelSpec()
         self.optim = optim or OptimSpec()
         self.output_dir = format_output_dir(output_dir)
         self.overwrite = overwrite
+        self.fsdp = fsdp or FSDPSpec()
         if self.output_dir is not None:
             check_output_dir(self.output_dir, overwrite)  # fail before training, not after
         self.save_hyperparameters()
@@ -74,6 +78,8 @@ class SFTModule(L.LightningModule):
         if self.model is None:
             self.model = load_causal_lm(self.spec, trainable=True)
             self.model.train()  # from_pretrained returns eval mode; dropout (LoRA's too) belongs on in training
+            if uses_fsdp2(self):
+                shard_decoder_layers(self.model, self.device_mesh, self.fsdp)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -107,7 +113,10 @@ class SFTModule(L.LightningModule):
         return configure_adamw(self, self.optim)
 
     def on_fit_end(self) -> None:
-        if self.output_dir is None or not self.trainer.is_global_zero:
+        if self.output_dir is None:
+            return
+        state_dict = full_state_dict(self.model)  # sharded: every rank takes part in the gather
+        if not self.trainer.is_global_zero:
             return
         manifest = {
             "stage": "sft",
@@ -118,6 +127,7 @@ class SFTModule(L.LightningModule):
             "metrics": scalar_metrics(self.trainer.callback_metrics),
         }
         path = save_stage_output(
-            self.output_dir, self.model, self.tokenizer, manifest, self.resolved_config, self.overwrite
-        )
+            self.output_dir, self.model, self.tokenizer, manifest, self.resolved_config, self.overwrite,
+            state_dict=state_dict,
+        )  # fmt: skip
         rank_zero_info(f"SFT output written to {path}")

@@ -277,4 +277,8 @@ def build_stack(
             adapters += list(anchor.inputs) if isinstance(anchor, InMemorySoup) else [anchor]
         layout = "lora" if all(is_adapter_dir(resolve_model_path(p)) for p in adapters) else "full"
     cls = {"full": FullStack, "lora": LoraStack}[layout]
+    if cls is FullStack:
+        from salsa_lightning.models.quantization import refuse_full_weights
+
+        refuse_full_weights(spec, "PPO's full layout (separate full-weight models)")
     return cls(spec, policy_init, anchors, reward, value_head)

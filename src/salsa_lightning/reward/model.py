@@ -20,6 +20,7 @@ from salsa_lightning.models.loading import (
     lora_config,
     resolve_model_path,
 )
+from salsa_lightning.models.quantization import refuse_full_weights
 from salsa_lightning.rl.sequences import last_token_index
 from salsa_lightning.stage import read_manifest
 
@@ -68,6 +69,10 @@ def load_reward_model(spec: ModelSpec, trainable: bool = True, pad_token_id: int
     path = resolve_model_path(spec.name_or_path)
     manifest = _check_model_dir(path, spec.name_or_path)
     stage = manifest.get("stage")
+    merges = is_adapter_dir(path) and stage != "reward" and spec.lora is None
+    trains_full = trainable and spec.lora is None and not (is_adapter_dir(path) and stage == "reward")
+    if merges or trains_full:
+        refuse_full_weights(spec, f"A reward model from {spec.name_or_path} without `lora`")
     if is_adapter_dir(path):
         base = _from_pretrained(AutoModelForSequenceClassification, adapter_base(path), spec, num_labels=1)
         _set_pad(base, pad_token_id)

@@ -1,0 +1,116 @@
+"""Sharding with FSDP2 (`torch.distributed.fsdp.fully_shard`) under Lightning's `ModelParallelStrategy`.
+
+Lightning builds the device mesh and hands it to `LightningModule.configure_model`; there a stage calls
+`shard_decoder_layers`, which applies `fully_shard` to every decoder layer and then to the root, so that one
+layer's weights are gathered at a time. It runs on GPUs (NCCL) and on CPU (gloo), which is how the tests
+check it. `full_state_dict` gathers the unsharded weights for the HF-format stage output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class FSDPSpec:
+    """FSDP2 settings, used when the trainer runs `ModelParallelStrategy` (otherwise ignored)."""
+
+    param_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    """Dtype layers compute in after the all-gather (mixed precision); None = the weights' own dtype."""
+    reduce_dtype: Literal["bfloat16", "float16", "float32"] | None = "float32"
+    """Dtype gradients are reduce-scattered in (float32 keeps the reduction exact under bf16 compute)."""
+    cpu_offload: bool = False
+    """Keep sharded weights, gradients and optimizer state in CPU memory (slower; for models that do not fit)."""
+    reshard_after_forward: bool = True
+    """Free each gathered layer after its forward (ZeRO-3); False keeps it until backward (ZeRO-2, faster)."""
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model (its `_no_split_modules` classes), through any PEFT wrapper."""
+    inner = model
+    while not hasattr(inner, "_no_split_modules") and hasattr(inner, "base_model") and inner.base_model is not inner:
+        inner = inner.base_model
+    if hasattr(inner, "model") and not hasattr(inner, "_no_split_modules"):  # peft LoraModel -> transformers model
+        inner = inner.model
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        from salsa_lightning.errors import SalsaError
+
+        raise SalsaError(
+            f"Cannot find the decoder layers of {type(inner).__name__} to shard (no `_no_split_modules`); "
+            "use a transformers model, or the single-device / DDP strategies."
+        )
+    return layers
+
+
+def shard_decoder_layers(model: torch.nn.Module, device_mesh: Any, spec: FSDPSpec | None = None) -> torch.nn.Module:
+    """`fully_shard` each decoder layer, then the whole model (embeddings, final norm, heads), over `device_mesh`
+    (Lightning's data-parallel mesh). Activation checkpointing stays the model's own (`gradient_checkpointing`),
+    which recomputes inside each sharded layer."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    spec = spec or FSDPSpec()
+    names = device_mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
+        from salsa_lightning.errors import SalsaError
+
+        # ModelParallelStrategy's "auto" puts every GPU of a node on the tensor-parallel axis; we shard with FSDP only
+        raise SalsaError(
+            f"The device mesh has tensor_parallel_size={device_mesh['tensor_parallel'].size()}, but the stages shard "
+            "with FSDP only; set the strategy's `data_parallel_size` to the number of processes and "
+            "`tensor_parallel_size: 1` (see configs/fsdp/)."
+        )
+    mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+    kwargs: dict[str, Any] = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=DTYPES.get(spec.param_dtype), reduce_dtype=DTYPES.get(spec.reduce_dtype)
+        ),
+    }
+    if spec.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=spec.reshard_after_forward, **kwargs)
+    fully_shard(model, reshard_after_forward=spec.reshard_after_forward, **kwargs)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The unsharded state dict on CPU (a collective: every rank must call it; every rank gets it), or None for a
+    model that is not sharded — then `save_pretrained` reads the model itself."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # The gather returns tied weights (embeddings / LM head) as separate tensors; point them back at one tensor,
+    # as in the module, so that `save_pretrained` recognises the tie and writes the weight once.
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first and name in state and first[id(param)] in state:
+            state[name] = state[first[id(param)]]
+        first.setdefault(id(param), name)
+    return state
+
+
+__all__ = ["FSDPSpec", "shard_decoder_layers", "decoder_layers", "full_state_dict", "is_sharded", "uses_fsdp2"]
+
+
+def uses_fsdp2(module) -> bool:
+    """Whether the module's trainer runs Lightning's `ModelParallelStrategy` (FSDP2)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = getattr(module, "_trainer", None)
+    return trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
