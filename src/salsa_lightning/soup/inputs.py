@@ -68,9 +68,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def describe_input(path: str | Path) -> SoupInput:
     """Detect the format of one soup input directory, or raise a `SalsaError` saying what is missing."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise SalsaError(f"The soup input {path} is not a directory; give the output directory of an SFT run.")
+    path = path.resolve()  # manifests record absolute paths, so later stages can check them from any directory
     manifest = read_manifest(path)
     hf_config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
     if (path / ADAPTER_CONFIG).is_file():
