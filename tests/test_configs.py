@@ -82,3 +82,12 @@ def test_override_from_command_line(capsys):
         )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["optim"]["lr"] == 0.5
+
+
+def test_tensorboard_logger_is_an_option(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(ROOT / "configs/quickstart/sft.yaml"),
+                  "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir=tb",
+                  "--print_config"])  # fmt: skip
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
