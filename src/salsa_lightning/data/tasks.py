@@ -43,15 +43,15 @@ class TaskSuiteConfig:
     """Directory to create; it must not exist unless `overwrite` is set."""
     seed: int = 0
     """Seed of every random choice: the same seed writes byte-identical files."""
-    num_sft: int = 400
+    num_sft: int = 192
     """Number of SFT conversations (sft.jsonl)."""
-    num_prefs_train: int = 400
+    num_prefs_train: int = 192
     """Number of training preference pairs (prefs_train.jsonl)."""
-    num_prefs_test: int = 100
+    num_prefs_test: int = 64
     """Number of held-out preference pairs (prefs_test.jsonl)."""
-    num_rl_prompts: int = 256
+    num_rl_prompts: int = 128
     """Number of RL prompts (rl_prompts.jsonl)."""
-    num_eval: int = 100
+    num_eval: int = 64
     """Number of evaluation prompts in EACH split (eval_id.jsonl, eval_ood.jsonl)."""
     imperfect_fraction: float = 0.1
     """Fraction of SFT responses that are plausibly flawed (off by one, wrong format...), as real SFT data is."""
