@@ -31,12 +31,13 @@ def addition_conversations(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def sft_args(model: str, data: str, output_dir: str | None, *extra: str) -> list[str]:
+def stage_args(module: str, datamodule: str, model: str, data: str, output_dir: str | None, *extra: str) -> list[str]:
+    """`fit` arguments for a tiny, quiet, CPU run of a training stage."""
     args = [
         "fit",
-        "--model=salsa_lightning.modules.sft.SFTModule",
+        f"--model={module}",
         f"--model.model.name_or_path={model}",
-        "--data=salsa_lightning.data.sft.SFTDataModule",
+        f"--data={datamodule}",
         f"--data.data={data}",
         "--data.batch_size=8",
         "--data.val_fraction=0.25",
@@ -50,6 +51,11 @@ def sft_args(model: str, data: str, output_dir: str | None, *extra: str) -> list
     if output_dir is not None:
         args.append(f"--model.output_dir={output_dir}")
     return args + list(extra)
+
+
+def sft_args(model: str, data: str, output_dir: str | None, *extra: str) -> list[str]:
+    return stage_args("salsa_lightning.modules.sft.SFTModule", "salsa_lightning.data.sft.SFTDataModule",
+                      model, data, output_dir, *extra)  # fmt: skip
 
 
 def addition_preferences(n: int, seed: int = 0) -> list[dict]:
@@ -69,24 +75,8 @@ def addition_preferences(n: int, seed: int = 0) -> list[dict]:
 
 
 def reward_args(model: str, data: str, output_dir: str | None, *extra: str) -> list[str]:
-    args = [
-        "fit",
-        "--model=salsa_lightning.modules.reward.RewardModule",
-        f"--model.model.name_or_path={model}",
-        "--data=salsa_lightning.data.preferences.PreferenceDataModule",
-        f"--data.data={data}",
-        "--data.batch_size=8",
-        "--data.val_fraction=0.25",
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_model_summary=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.logger=false",
-        "--seed_everything=1",
-    ]
-    if output_dir is not None:
-        args.append(f"--model.output_dir={output_dir}")
-    return args + list(extra)
+    return stage_args("salsa_lightning.modules.reward.RewardModule",
+                      "salsa_lightning.data.preferences.PreferenceDataModule", model, data, output_dir, *extra)  # fmt: skip
 
 
 def fraction_of_a(prompts: list, responses: list[str]) -> list[float]:

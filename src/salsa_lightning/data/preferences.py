@@ -10,10 +10,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
+from salsa_lightning.data.base import TokenizedDataModule
 from salsa_lightning.data.collate import pad_sequences
 from salsa_lightning.data.sources import load_rows
 from salsa_lightning.errors import SalsaError
@@ -100,8 +99,10 @@ class PairCollator:
         return batch
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(TokenizedDataModule):
     """Preference pairs from a Hub dataset or local JSON/JSONL/Parquet."""
+
+    what = "preference data"
 
     def __init__(
         self,
@@ -140,16 +141,9 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.tokenizer is None:
-            raise SalsaError(
-                "PreferenceDataModule has no tokenizer; pass `tokenizer=` (the CLI links it from the model)."
-            )
+        self.require_tokenizer()
         hp = self.hparams
-        rows = load_rows(hp.data, hp.split)
-        if hp.limit is not None:
-            rows = rows.select(range(min(hp.limit, len(rows))))
-        if len(rows) == 0:
-            raise SalsaError(f"The preference data {hp.data} has no rows; point `data.data` at a non-empty dataset.")
+        rows = self.load_limited(hp.data, hp.split, hp.limit)
         local = hp.val_data is None and not _is_hub(hp.data)
         if hp.val_data is not None:
             val_rows = load_rows(hp.val_data, hp.val_split or "train")
@@ -166,20 +160,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if not self.train_set:
             raise SalsaError(f"Every preference pair in {hp.data} has chosen == rejected; nothing to learn from.")
 
-    def _loader(self, rows, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            rows,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            collate_fn=PairCollator(self.tokenizer.pad_token_id),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+    def collator(self) -> PairCollator:
+        return PairCollator(self.tokenizer.pad_token_id)
 
 
 def _is_hub(source: str) -> bool:

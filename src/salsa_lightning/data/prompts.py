@@ -6,13 +6,12 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from salsa_lightning.data.base import TokenizedDataModule
 from salsa_lightning.data.collate import pad_sequences
 from salsa_lightning.data.preferences import Messages, as_messages
-from salsa_lightning.data.sources import load_rows
 from salsa_lightning.errors import SalsaError
 
 
@@ -64,8 +63,10 @@ class PromptCollator:
         }
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(TokenizedDataModule):
     """Prompts for PPO rollouts."""
+
+    what = "prompt data"
 
     def __init__(
         self,
@@ -98,14 +99,9 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.rows is not None:
             return
-        if self.tokenizer is None:
-            raise SalsaError("PromptDataModule has no tokenizer; pass `tokenizer=` (the CLI links it from the policy).")
+        self.require_tokenizer()
         hp = self.hparams
-        rows = load_rows(hp.data, hp.split)
-        if hp.limit is not None:
-            rows = rows.select(range(min(hp.limit, len(rows))))
-        if len(rows) == 0:
-            raise SalsaError(f"The prompt data {hp.data} has no rows; point `data.data` at a non-empty dataset.")
+        rows = self.load_limited(hp.data, hp.split, hp.limit)
         self.rows, self.truncated = [], 0
         for i, row in enumerate(rows):
             messages = prompt_messages(row, i)

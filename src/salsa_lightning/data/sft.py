@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
+from salsa_lightning.data.base import TokenizedDataModule
 from salsa_lightning.data.chat import IGNORE_INDEX, tokenize_conversation, validate_messages
 from salsa_lightning.data.collate import CausalLMCollator
 from salsa_lightning.data.sources import load_rows
 from salsa_lightning.errors import SalsaError
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(TokenizedDataModule):
     """Conversations from a Hub dataset or local JSON/JSONL/Parquet, tokenised with the chat template."""
+
+    what = "SFT data"
 
     def __init__(
         self,
@@ -64,14 +65,9 @@ class SFTDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.tokenizer is None:
-            raise SalsaError("SFTDataModule has no tokenizer; pass `tokenizer=` (the CLI links it from the model).")
+        self.require_tokenizer()
         hp = self.hparams
-        rows = load_rows(hp.data, hp.split)
-        if hp.limit is not None:
-            rows = rows.select(range(min(hp.limit, len(rows))))
-        if len(rows) == 0:
-            raise SalsaError(f"The SFT data {hp.data} has no rows; point `data.data` at a non-empty dataset.")
+        rows = self.load_limited(hp.data, hp.split, hp.limit)
         if hp.val_split is not None:
             val_rows = load_rows(hp.data, hp.val_split)
         else:
@@ -84,17 +80,5 @@ class SFTDataModule(L.LightningDataModule):
         if not self.train_set:
             raise SalsaError(f"No SFT row of {hp.data} has an assistant turn within max_length={hp.max_length}.")
 
-    def _loader(self, rows, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            rows,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            collate_fn=CausalLMCollator(self.tokenizer.pad_token_id),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+    def collator(self) -> CausalLMCollator:
+        return CausalLMCollator(self.tokenizer.pad_token_id)

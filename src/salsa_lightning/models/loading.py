@@ -209,6 +209,25 @@ def lora_config(lora: LoraSpec, task_type: str = "CAUSAL_LM", modules_to_save: l
     )
 
 
+def lora_config_like(path: str, task_type: str, dropout: float, modules_to_save: list[str] | None = None):
+    """A LoraConfig with the same shape (ranks, alphas, targets, scaling rule) as the adapter saved at `path`, for
+    another task: a reward adapter that starts from an SFT adapter, or a causal-LM twin of a reward adapter."""
+    from peft import LoraConfig
+
+    saved = LoraConfig.from_pretrained(path)
+    return LoraConfig(
+        r=saved.r,
+        lora_alpha=saved.lora_alpha,
+        target_modules=saved.target_modules,
+        rank_pattern=saved.rank_pattern,
+        alpha_pattern=saved.alpha_pattern,
+        use_rslora=saved.use_rslora,
+        lora_dropout=dropout,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
 def load_causal_lm(spec: ModelSpec | str, trainable: bool = True):
     """A causal LM ready to train or to score with.
 

@@ -102,7 +102,9 @@ def save_stage_output(
 
     `state_dict`: the gathered full weights of a sharded model (`distributed.full_state_dict`)."""
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+        model.save_pretrained(
+            tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {})
+        )
         tokenizer.save_pretrained(tmp)
         if resolved_config is not None:
             (tmp / CONFIG_NAME).write_text(resolved_config)

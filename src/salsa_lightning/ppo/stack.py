@@ -25,6 +25,7 @@ from salsa_lightning.models.loading import (
     adapter_base,
     is_adapter_dir,
     load_causal_lm,
+    lora_config_like,
     resolve_model_path,
 )
 from salsa_lightning.reward.model import load_reward_model, unwrap
@@ -205,22 +206,11 @@ class LoraStack(nn.Module):
     def _add_scoring_adapter(self, name: str, path: str, head: nn.Linear) -> None:
         """A sequence-classification adapter (reward stage output) split into a LoRA adapter on the causal-LM
         base and its `score` head: the backbones are the same module, only the top differs."""
-        from peft import LoraConfig, set_peft_model_state_dict
+        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         path = resolve_model_path(path)
-        saved = LoraConfig.from_pretrained(path)
-        cfg = LoraConfig(
-            r=saved.r,
-            lora_alpha=saved.lora_alpha,
-            target_modules=saved.target_modules,
-            rank_pattern=saved.rank_pattern,
-            alpha_pattern=saved.alpha_pattern,
-            use_rslora=saved.use_rslora,
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-        )
-        self.model.add_adapter(name, cfg)
+        self.model.add_adapter(name, lora_config_like(path, task_type="CAUSAL_LM", dropout=0.0))
         weights = load_file(str(Path(path) / "adapter_model.safetensors"))
         score = [k for k in weights if k.endswith("score.weight")]
         if len(score) != 1:

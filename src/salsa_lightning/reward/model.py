@@ -18,6 +18,7 @@ from salsa_lightning.models.loading import (
     adapter_base,
     is_adapter_dir,
     lora_config,
+    lora_config_like,
     resolve_model_path,
 )
 from salsa_lightning.models.quantization import refuse_full_weights
@@ -84,18 +85,7 @@ def load_reward_model(spec: ModelSpec, trainable: bool = True, pad_token_id: int
             cfg.task_type = None
             model = PeftModel.from_pretrained(base, path, config=cfg).merge_and_unload()
         else:
-            sft_cfg = LoraConfig.from_pretrained(path)
-            cfg = LoraConfig(
-                r=sft_cfg.r,
-                lora_alpha=sft_cfg.lora_alpha,
-                target_modules=sft_cfg.target_modules,
-                rank_pattern=sft_cfg.rank_pattern,
-                alpha_pattern=sft_cfg.alpha_pattern,
-                use_rslora=sft_cfg.use_rslora,
-                lora_dropout=spec.lora.dropout,
-                task_type="SEQ_CLS",
-                modules_to_save=["score"],
-            )
+            cfg = lora_config_like(path, task_type="SEQ_CLS", dropout=spec.lora.dropout, modules_to_save=["score"])
             model = get_peft_model(base, cfg)
             weights = load_file(str(Path(path) / "adapter_model.safetensors"))
             # the SFT adapter has no `score` head: keep the fresh one, take every LoRA weight from SFT

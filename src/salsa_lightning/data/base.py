@@ -1,0 +1,51 @@
+"""What the SFT, preference and prompt data modules share: row loading with a limit, and loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from salsa_lightning.data.sources import load_rows
+from salsa_lightning.errors import SalsaError
+
+
+class TokenizedDataModule(L.LightningDataModule):
+    """Holds `tokenizer` (linked from the model by the CLI), `train_set`/`val_set` lists and a collator."""
+
+    what = "data"  # how error messages name this module's data
+
+    def require_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise SalsaError(
+                f"{type(self).__name__} has no tokenizer; pass `tokenizer=` (the CLI links it from the model)."
+            )
+
+    def load_limited(self, data: str, split: str, limit: int | None):
+        """Rows of `data`, the first `limit` of them, refusing an empty source."""
+        rows = load_rows(data, split)
+        if limit is not None:
+            rows = rows.select(range(min(limit, len(rows))))
+        if len(rows) == 0:
+            raise SalsaError(f"The {self.what} {data} has no rows; point `data.data` at a non-empty dataset.")
+        return rows
+
+    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        raise NotImplementedError
+
+    def _loader(self, rows, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            rows,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self.collator(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
