@@ -40,9 +40,6 @@ class InMemorySoup:
     weights: tuple[float, ...] | None = None
 
 
-Anchor = str | InMemorySoup
-
-
 def _backbone(model):
     """The transformer trunk (no LM/score head) of a transformers model, through any PEFT wrapper."""
     inner = unwrap(model)
