@@ -263,3 +263,12 @@ def test_in_memory_soup_equals_the_soup_stage_output(pipeline, layout):
     )
     assert_same_curves(curves(from_stage), curves(in_memory), rel=1e-4)
     assert curves(from_stage)[0]["objective/kl_soup"] > 0
+
+
+def test_normalize_reward_uses_the_reward_stages_stats(pipeline):
+    stats = json.loads((pipeline / "rm" / MANIFEST_NAME).read_text())["reward_stats"]
+    raw = run(pipeline, "--trainer.max_steps=1")
+    normed = run(pipeline, "--trainer.max_steps=1", "--model.ppo.normalize_reward=true")
+    # the same first rollout (same seed): its mean score moves by exactly the stored affine map
+    expected = (raw.model.history[0]["objective/scores"] - stats["mean"]) / stats["std"]
+    assert normed.model.history[0]["objective/scores"] == pytest.approx(expected, rel=1e-4, abs=1e-5)

@@ -121,6 +121,12 @@ def canonical_model_ref(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else name_or_path
 
 
+def base_model_of(name_or_path: str) -> str:
+    """The model a stage output builds on: an adapter's frozen base, or (full weights) the model itself."""
+    path = resolve_model_path(name_or_path)
+    return adapter_base(path) if is_adapter_dir(path) else canonical_model_ref(name_or_path)
+
+
 def is_adapter_dir(path: str) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 

@@ -20,14 +20,14 @@ from salsa_lightning.data.preferences import conversation
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import (
     ModelSpec,
-    adapter_base,
+    base_model_of,
     canonical_model_ref,
-    is_adapter_dir,
     load_tokenizer,
     resolve_model_path,
 )
 from salsa_lightning.modules.common import OptimSpec, current_seed, format_output_dir, save_stage_output, scalar_metrics
 from salsa_lightning.ppo.stack import InMemorySoup, build_stack
+from salsa_lightning.reward.model import reward_stats
 from salsa_lightning.stage import check_output_dir, read_manifest
 
 
@@ -166,6 +166,11 @@ class PPOModule(L.LightningModule):
             soup = InMemorySoup(tuple(soup_inputs), tuple(weights))
         self.policy_init, self.reward_model, self.soup, self.layout = policy_init, reward_model, soup, layout
         self.reward_fn = _import_callable(reward_fn) if reward_fn else None
+        self.reward_norm = None  # read once here (not every rollout), so a missing file fails before training
+        if self.ppo.normalize_reward and reward_model is not None:
+            self.reward_norm = reward_stats(resolve_model_path(reward_model))
+            if not self.reward_norm:
+                raise SalsaError(f"normalize_reward needs reward stats in {reward_model}; re-run the reward stage.")
         self.value_head, self.sample_table_every, self.overwrite = value_head, sample_table_every, overwrite
         self.output_dir = format_output_dir(output_dir)
         if self.output_dir is not None:
@@ -356,13 +361,8 @@ class PPOModule(L.LightningModule):
         ids = pad_sequences(seqs, self.tokenizer.pad_token_id).to(self.device)
         mask = pad_sequences([[1] * len(s) for s in seqs], 0).to(self.device)
         scores = self.stack.reward_scores(ids, mask)
-        if self.ppo.normalize_reward:
-            stats = (read_manifest(resolve_model_path(self.reward_model)) or {}).get("reward_stats")
-            if not stats:
-                raise SalsaError(
-                    f"normalize_reward needs reward stats in {self.reward_model}; re-run the reward stage."
-                )
-            scores = rl.normalize_scores(scores, stats["mean"], stats["std"])
+        if self.reward_norm is not None:
+            scores = rl.normalize_scores(scores, self.reward_norm["mean"], self.reward_norm["std"])
         return scores
 
     # ---------------------------------------------------------------- update
@@ -475,7 +475,7 @@ class PPOModule(L.LightningModule):
         manifest = {
             "stage": "salsa" if self.anchor_names == ["soup"] else ("mkl" if len(self.anchor_names) > 1 else "ppo"),
             "format": self.stack.layout,
-            "base_model": _policy_base(self.policy_init),
+            "base_model": base_model_of(self.policy_init),
             "policy_init": canonical_model_ref(self.policy_init),
             "anchor": self.anchor_names,
             "anchor_paths": {k: _describe(v) for k, v in self.anchor_paths.items()},
@@ -500,12 +500,6 @@ def _describe(anchor) -> Any:
     if isinstance(anchor, InMemorySoup):
         return {"inputs": [canonical_model_ref(p) for p in anchor.inputs], "weights": list(anchor.weights or [])}
     return canonical_model_ref(anchor)
-
-
-def _policy_base(policy_init: str) -> str:
-    """A LoRA policy's output is an adapter on the SFT adapter's base; a full policy is its own model."""
-    path = resolve_model_path(policy_init)
-    return adapter_base(path) if is_adapter_dir(path) else canonical_model_ref(policy_init)
 
 
 def _import_callable(ref: str):

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from salsa_lightning.models.loading import ModelSpec, canonical_model_ref, is_peft_model, load_tokenizer
+from salsa_lightning.models.loading import ModelSpec, base_model_of, canonical_model_ref, is_peft_model, load_tokenizer
 from salsa_lightning.modules.common import (
     OptimSpec,
     configure_adamw,
@@ -134,7 +134,7 @@ class RewardModule(L.LightningModule):
         manifest = {
             "stage": "reward",
             "format": "lora" if is_peft_model(self.model) else "full",
-            "base_model": _base_model_name(self.spec),
+            "base_model": base_model_of(self.spec.name_or_path),
             "init_from": canonical_model_ref(self.spec.name_or_path),
             "seed": current_seed(),
             "global_step": self.trainer.global_step,
@@ -147,11 +147,3 @@ class RewardModule(L.LightningModule):
             self.output_dir, self.model, self.tokenizer, manifest, self.resolved_config, self.overwrite
         )
         rank_zero_info(f"Reward model written to {path} (val accuracy {manifest['val_accuracy']:.3f})")
-
-
-def _base_model_name(spec: ModelSpec) -> str:
-    """The frozen base an adapter sits on (for LoRA layouts) or the model itself."""
-    from salsa_lightning.models.loading import adapter_base, is_adapter_dir, resolve_model_path
-
-    path = resolve_model_path(spec.name_or_path)
-    return adapter_base(path) if is_adapter_dir(path) else canonical_model_ref(spec.name_or_path)
