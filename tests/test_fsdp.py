@@ -1,7 +1,7 @@
 """FSDP2 (`fully_shard` per decoder layer under Lightning's ModelParallelStrategy) on CPU with gloo.
 
-A 2-process run must follow the single-process run with the same global batch step for step, and export the
-same HF-format weights."""
+For each training stage, a 2-process run must follow the single-process run with the same global batch step
+for step, and export the same HF-format weights."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import sft_args, write_jsonl
+from helpers import addition_preferences, reward_args, sft_args, write_jsonl
 from scale_helpers import loss_history
 
 from salsa_lightning.cli import cli_main
@@ -50,10 +50,32 @@ def common_args(model: str, data: str, out: str, history: str) -> list[str]:
                     "--trainer.callbacks+=scale_helpers.LossHistory", f"--trainer.callbacks.path={history}")  # fmt: skip
 
 
-@pytest.mark.distributed
-def test_fsdp2_sft_on_two_processes_matches_one_process(tiny_model_dir, tmp_path):
+def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> None:
+    """`python -m salsa_lightning ARGS` on `nproc` CPU processes (gloo), as a user launches it with torchrun."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([*cmd, "-m", "salsa_lightning", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def mean_over_ranks(path_prefix: Path, nproc: int = 2) -> list[float]:
+    """Each rank's loss is the mean over its share of the global batch; equal shares -> the mean of the means."""
+    per_rank = [json.loads(Path(f"{path_prefix}.rank{r}.json").read_text()) for r in range(nproc)]
+    return [sum(step) / nproc for step in zip(*per_rank, strict=True)]
+
+
+def assert_same_safetensors(a_path: Path, b_path: Path) -> None:
     from safetensors.torch import load_file
 
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=RTOL, msg=k)
+
+
+@pytest.mark.distributed
+def test_fsdp2_sft_on_two_processes_matches_one_process(tiny_model_dir, tmp_path):
     data = str(write_jsonl(tmp_path / "sft.jsonl", equal_length_conversations()))
     single = cli_main(
         common_args(str(tiny_model_dir), data, str(tmp_path / "single"), str(tmp_path / "single-loss"))
@@ -63,29 +85,36 @@ def test_fsdp2_sft_on_two_processes_matches_one_process(tiny_model_dir, tmp_path
     assert len(reference) == 4
 
     args = common_args(str(tiny_model_dir), data, str(tmp_path / "sharded"), str(tmp_path / "sharded-loss"))
-    args += ["--data.batch_size=4", "--trainer.devices=2", STRATEGY]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "salsa_lightning",
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    per_rank = [json.loads((tmp_path / f"sharded-loss.rank{r}.json").read_text()) for r in (0, 1)]
-    sharded = [(a + b) / 2 for a, b in zip(*per_rank, strict=True)]  # each rank's loss is its half of the global batch
-    assert sharded == pytest.approx(reference, rel=RTOL)
+    torchrun(args + ["--data.batch_size=4", "--trainer.devices=2", STRATEGY], tmp_path)
+    assert mean_over_ranks(tmp_path / "sharded-loss") == pytest.approx(reference, rel=RTOL)
     assert reference[-1] < reference[0]  # it trained, so agreement is not the trivial one
-
     # the exported stage output is the plain HF model of the unsharded run
-    a = load_file(str(tmp_path / "single" / "model.safetensors"))
-    b = load_file(str(tmp_path / "sharded" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=RTOL, msg=k)
+    assert_same_safetensors(tmp_path / "single" / "model.safetensors", tmp_path / "sharded" / "model.safetensors")
+
+
+@pytest.mark.distributed
+def test_fsdp2_reward_lora_on_two_processes_matches_one_process(tiny_model_dir, tmp_path):
+    """The reward stage in LoRA mode (the quickstart's): a fresh adapter + head on the frozen base, sharded."""
+    data = str(write_jsonl(tmp_path / "prefs.jsonl", addition_preferences(10)))
+
+    def args(out: str, history: str) -> list[str]:
+        # 8 training pairs = one global batch per epoch; Bradley-Terry is a mean over pairs, so equal shares agree;
+        # no LoRA dropout: its random masks would differ between one process and two
+        return reward_args(str(tiny_model_dir), data, str(tmp_path / out), "--trainer.max_epochs=3",
+                           "--data.val_fraction=0.2", "--trainer.limit_val_batches=0", "--model.model.lora.r=4",
+                           "--model.model.lora.dropout=0",
+                           "--model.optim.lr=5e-3", "--trainer.enable_progress_bar=false",
+                           "--trainer.callbacks+=scale_helpers.LossHistory",
+                           f"--trainer.callbacks.path={tmp_path / history}")  # fmt: skip
+
+    reference = loss_history(cli_main(args("single", "single-loss") + ["--data.batch_size=8"]))
+    torchrun(args("sharded", "sharded-loss") + ["--data.batch_size=4", "--trainer.devices=2", STRATEGY], tmp_path)
+    assert mean_over_ranks(tmp_path / "sharded-loss") == pytest.approx(reference, rel=RTOL)
+    assert reference[-1] < reference[0]
+    assert_same_safetensors(
+        tmp_path / "single" / "adapter_model.safetensors", tmp_path / "sharded" / "adapter_model.safetensors"
+    )
+    # the training-set reward statistics (a forward over every pair on every rank) agree too
+    single = json.loads((tmp_path / "single" / "salsa_manifest.json").read_text())["reward_stats"]
+    sharded = json.loads((tmp_path / "sharded" / "salsa_manifest.json").read_text())["reward_stats"]
+    assert sharded == pytest.approx(single, rel=1e-4)

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from salsa_lightning.rl.masked import masked_count, masked_mean, masked_sum, masked_var, masked_whiten
+from salsa_lightning.rl.masked import (
+    masked_count,
+    masked_mean,
+    masked_moments,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    mean_var_from_moments,
+)
 
 GARBAGE = (float("nan"), float("inf"), -float("inf"), 1e30)
 
@@ -149,3 +157,31 @@ def test_whiten_gradient_is_finite_with_garbage_padding():
     (masked_whiten(xp, mp) * torch.arange(xp.shape[1])).sum().backward()
     assert torch.isfinite(xp.grad).all()
     assert (xp.grad[~mp.bool()] == 0).all()
+
+
+def test_whitening_split_across_processes_equals_whitening_the_whole_batch():
+    # two "ranks" hold halves of a batch; all_reduce sums their moments, as torch.distributed would
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 7, generator=g) * 3 + 1
+    mask = torch.rand(6, 7, generator=g) > 0.3
+    x[~mask] = float("nan")  # padding never counts
+    halves = [(x[:3], mask[:3]), (x[3:], mask[3:])]
+    total = sum(masked_moments(v, m) for v, m in halves)
+    split = torch.cat([masked_whiten(v, m, eps=0.0, all_reduce=lambda _: total) for v, m in halves])
+    torch.testing.assert_close(split, masked_whiten(x, mask, eps=0.0), rtol=1e-6, atol=1e-6)
+    # and it differs from each half whitened on its own (the bug a per-rank whitening would be)
+    local = torch.cat([masked_whiten(v, m, eps=0.0) for v, m in halves])
+    assert not torch.allclose(local, split, atol=1e-3)
+
+
+def test_moments_give_the_masked_mean_and_variance():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 5, generator=g)
+    mask = torch.rand(4, 5, generator=g) > 0.4
+    mean, var = mean_var_from_moments(masked_moments(x, mask))
+    torch.testing.assert_close(mean.float(), masked_mean(x, mask))
+    torch.testing.assert_close(var.float(), masked_var(x, mask))
+    one = torch.zeros(4, 5, dtype=torch.bool)
+    one[0, 0] = True  # a single token: no Bessel correction, variance 0
+    assert mean_var_from_moments(masked_moments(x, one))[1] == 0
+    assert mean_var_from_moments(masked_moments(x, torch.zeros_like(one))) == (0, 0)

@@ -83,7 +83,10 @@ def shard_decoder_layers(model: torch.nn.Module, device_mesh: Any, spec: FSDPSpe
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=spec.reshard_after_forward, **kwargs)
-    fully_shard(model, reshard_after_forward=spec.reshard_after_forward, **kwargs)
+    # The root keeps its parameters (embeddings, final norm, heads) gathered from forward to backward, as FSDP2's
+    # own default does: stages read a head's per-token output through a hook (reward.model.token_scores), and
+    # that tensor is not one of the root's outputs, on which FSDP would hang the re-gather before backward.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
 
 

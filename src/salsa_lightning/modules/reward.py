@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from salsa_lightning.distributed import FSDPSpec, full_state_dict, shard_decoder_layers, uses_fsdp2
 from salsa_lightning.models.loading import ModelSpec, base_model_of, canonical_model_ref, is_peft_model, load_tokenizer
 from salsa_lightning.modules.common import (
     OptimSpec,
@@ -36,6 +37,7 @@ class RewardModule(L.LightningModule):
         center_rewards_coefficient: float | None = None,
         output_dir: str | None = None,
         overwrite: bool = False,
+        fsdp: FSDPSpec | None = None,
     ):
         """
         Args:
@@ -46,6 +48,7 @@ class RewardModule(L.LightningModule):
             center_rewards_coefficient: Weight of the (r_c + r_r)² centering term (TRL's name); None = off.
             output_dir: Where the reward model is written at the end of `fit`; `{seed}` is filled in.
             overwrite: Replace `output_dir` if it exists.
+            fsdp: FSDP2 settings, used under `ModelParallelStrategy` (sharded per decoder layer).
         """
         super().__init__()
         self.spec = model or ModelSpec()
@@ -54,6 +57,7 @@ class RewardModule(L.LightningModule):
         self.center_rewards_coefficient = center_rewards_coefficient
         self.output_dir = format_output_dir(output_dir)
         self.overwrite = overwrite
+        self.fsdp = fsdp or FSDPSpec()
         if self.output_dir is not None:
             check_output_dir(self.output_dir, overwrite)
         self.save_hyperparameters()
@@ -72,6 +76,8 @@ class RewardModule(L.LightningModule):
         if self.model is None:
             self.model = load_reward_model(self.spec, trainable=True, pad_token_id=self.tokenizer.pad_token_id)
             self.model.train()
+            if uses_fsdp2(self):
+                shard_decoder_layers(self.model, self.device_mesh, self.fsdp)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return sequence_scores(self.model, input_ids, attention_mask)
@@ -128,6 +134,7 @@ class RewardModule(L.LightningModule):
         if self.output_dir is None:
             return
         stats = self.training_set_reward_stats()
+        state_dict = full_state_dict(self.model)  # sharded: every rank takes part in the gather
         if not self.trainer.is_global_zero:
             return
         datamodule = self.trainer.datamodule
@@ -144,6 +151,7 @@ class RewardModule(L.LightningModule):
             "data_counts": getattr(datamodule, "counts", {}),
         }
         path = save_stage_output(
-            self.output_dir, self.model, self.tokenizer, manifest, self.resolved_config, self.overwrite
-        )
+            self.output_dir, self.model, self.tokenizer, manifest, self.resolved_config, self.overwrite,
+            state_dict=state_dict,
+        )  # fmt: skip
         rank_zero_info(f"Reward model written to {path} (val accuracy {manifest['val_accuracy']:.3f})")

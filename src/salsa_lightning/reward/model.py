@@ -2,7 +2,7 @@
 
 The reward is read at the last REAL token, found from the attention mask. (transformers' own
 *ForSequenceClassification pooling finds it from `pad_token_id`, which is wrong when pad == EOS and a
-sequence ends in EOS — SmolLM2's case — so we run the backbone and the head ourselves.)
+sequence ends in EOS — SmolLM2's case — so we read the head at every position and pick that token ourselves.)
 """
 
 from __future__ import annotations
@@ -42,16 +42,26 @@ def unwrap(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None) -> torch.Tensor:
+    """The `score` head at every position (B, T), float32.
+
+    Runs the model's own forward (through any PEFT wrapper) and reads the head's per-token output with a hook,
+    rather than calling the backbone and head one by one: under FSDP the root module's forward is what gathers
+    the embeddings, final norm and head, and registers their gradient reduction."""
+    captured: list[torch.Tensor] = []
+    handle = unwrap(model).score.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1].squeeze(-1).float()  # (B, T)
+
+
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward per row (B,): the head applied to the hidden state of the last real token."""
-    seqcls = unwrap(model)
-    backbone = getattr(seqcls, seqcls.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    ).last_hidden_state  # (B, T, H)
+    """Scalar reward per row (B,): the head's output at the last real token (found from the mask)."""
+    scores = token_scores(model, input_ids, attention_mask)  # (B, T)
     idx = last_token_index(attention_mask)  # (B,)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
-    return seqcls.score(last).squeeze(-1).float()  # (B,)
+    return scores[torch.arange(scores.shape[0], device=scores.device), idx]  # (B,)
 
 
 def load_reward_model(spec: ModelSpec, trainable: bool = True, pad_token_id: int | None = None):
@@ -120,4 +130,4 @@ def reward_stats(path: str | Path) -> dict | None:
     return manifest.get("reward_stats")
 
 
-__all__ = ["load_reward_model", "sequence_scores", "reward_stats", "unwrap"]
+__all__ = ["load_reward_model", "sequence_scores", "token_scores", "reward_stats", "unwrap"]

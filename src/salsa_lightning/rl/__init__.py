@@ -40,9 +40,11 @@ from salsa_lightning.rl.masked import (
     masked_count,
     masked_fill_pad,
     masked_mean,
+    masked_moments,
     masked_sum,
     masked_var,
     masked_whiten,
+    mean_var_from_moments,
 )
 from salsa_lightning.rl.metrics import rollout_metrics, update_metrics
 from salsa_lightning.rl.monitor import KLHackMonitor, kl_hack_detected
@@ -84,9 +86,11 @@ __all__ = [
     "masked_count",
     "masked_fill_pad",
     "masked_mean",
+    "masked_moments",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "mean_var_from_moments",
     "multi_anchor_kl",
     "normalize_scores",
     "policy_loss",

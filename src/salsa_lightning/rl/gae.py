@@ -11,6 +11,7 @@ Padded positions get A = G = 0 and never leak into real ones, whatever values th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ def compute_gae(
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten: bool = True,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GAEOutput:
     """Advantages and returns for (B, T) per-token `rewards` and critic `values` over real tokens `mask`.
 
@@ -41,6 +43,9 @@ def compute_gae(
     `whiten=True` then normalises the advantages the policy loss sees to mean 0, variance 1 over the
     real tokens of the batch (TRL, Ziegler et al. 2019). Keeping both in one call means the whitened
     tensor is the one returned — not a copy that a caller forgets to pass on.
+
+    `all_reduce` (data-parallel runs): sums whitening moments over processes, so every rank whitens with the
+    statistics of the global batch, as one process holding all of it would (see `masked_whiten`).
 
     Masks are expected to be contiguous per row (left or right padding); a gap inside a row would act
     as an episode end. Defaults are TRL's (`gamma=1`, `lam=0.95`). Runs without gradient: advantages
@@ -61,5 +66,5 @@ def compute_gae(
         next_value = v[:, t]
     returns = advantages + v  # already 0 at padding
     if whiten:
-        advantages = masked_whiten(advantages, real, shift_mean=True)
+        advantages = masked_whiten(advantages, real, shift_mean=True, all_reduce=all_reduce)
     return GAEOutput(advantages=advantages, returns=returns)

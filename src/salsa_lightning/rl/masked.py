@@ -15,6 +15,8 @@ one used for PPO advantages by Ziegler et al. 2019 and TRL's `masked_whiten`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 Dim = int | tuple[int, ...] | None
@@ -64,18 +66,48 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
+def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(3,) float64 [count, sum, sum of squares] of `values` over real tokens: sums, so that several processes'
+    moments add up (all-reduce SUM) to the moments of their concatenated batches. No gradient."""
+    real = _real(mask, values)
+    v = masked_fill_pad(values.detach(), real).double()
+    return torch.stack([real.sum().double(), v.sum(), (v * v).sum()])
+
+
+def mean_var_from_moments(moments: torch.Tensor, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance from `masked_moments` (possibly summed over processes); Bessel's correction as in
+    `masked_var` (none for a single token); 0 and 0 for no tokens."""
+    n, total, squares = moments.unbind()
+    mean = total / n.clamp(min=1)
+    var = (squares / n.clamp(min=1) - mean * mean).clamp(min=0)
+    if unbiased:
+        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
+    return mean, var
+
+
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, unbiased: bool = True, eps: float = 1e-8
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    unbiased: bool = True,
+    eps: float = 1e-8,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Normalise `values` to mean 0 and variance 1 over the real tokens; padded positions become 0.
 
     With `shift_mean=False` only the scale changes: the mean is added back, so the sign of every value
     is kept (TRL uses this for rewards, never for advantages). `eps` keeps a constant input finite.
+    `all_reduce`: sums a (3,) tensor of `masked_moments` over processes, so that a batch split across data-
+    parallel ranks is whitened with the statistics of the whole batch (then the statistics carry no gradient).
     """
     real = _real(mask, values)
     values = masked_fill_pad(values, real)  # first: a NaN pad would otherwise reach the std's gradient
-    mean = masked_mean(values, real)
-    var = masked_var(values, real, unbiased=unbiased)
+    if all_reduce is None:
+        mean = masked_mean(values, real)
+        var = masked_var(values, real, unbiased=unbiased)
+    else:
+        mean, var = mean_var_from_moments(all_reduce(masked_moments(values, real)), unbiased=unbiased)
+        mean, var = mean.to(values.dtype), var.to(values.dtype)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
