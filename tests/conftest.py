@@ -35,3 +35,37 @@ def tiny_model_dir(tmp_path_factory):
     from salsa_lightning.models.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def ppo_pipeline(tiny_model_dir, tmp_path_factory):
+    """Tiny LoRA SFT seeds 1 and 2, a LoRA reward model, and RL prompts: the inputs of a PPO run."""
+    import shutil
+
+    from helpers import addition_conversations, addition_preferences, reward_args, sft_args, write_jsonl
+
+    from salsa_lightning.cli import main
+
+    root = tmp_path_factory.mktemp("ppo-pipeline")
+    sft = write_jsonl(root / "sft.jsonl", addition_conversations(48))
+    prefs = write_jsonl(root / "prefs.jsonl", addition_preferences(48))
+    write_jsonl(
+        root / "prompts.jsonl", [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(16, seed=9)]
+    )
+    for seed in (1, 2):
+        main(sft_args(str(tiny_model_dir), str(sft), str(root / f"sft{seed}"), "--trainer.max_steps=3", "--model.model.lora.r=4",
+                      "--model.optim.lr=1e-2", f"--seed_everything={seed}"))  # fmt: skip
+    main(
+        reward_args(
+            str(root / "sft1"),
+            str(prefs),
+            str(root / "rm"),
+            "--trainer.max_steps=4",
+            "--model.model.lora.r=4",
+            "--model.optim.lr=1e-2",
+        )
+    )
+    shutil.copytree(root / "sft1", root / "sft1-copy")  # the same weights under another path (an independent anchor)
+    main(["soup", f"--inputs=[{root / 'sft1'},{root / 'sft1-copy'}]", f"--output_dir={root / 'soup-identical'}"])
+    main(["soup", f"--inputs=[{root / 'sft1'},{root / 'sft2'}]", f"--output_dir={root / 'soup'}"])
+    return root

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import addition_preferences, reward_args, sft_args, write_jsonl
+from helpers import addition_conversations, addition_preferences, ppo_args, reward_args, sft_args, write_jsonl
 from scale_helpers import loss_history
 
 from salsa_lightning.cli import cli_main
@@ -66,7 +66,11 @@ def mean_over_ranks(path_prefix: Path, nproc: int = 2) -> list[float]:
 
 
 def assert_same_safetensors(a_path: Path, b_path: Path) -> None:
+    """Equal weights, and the second directory's manifest says it was trained sharded on two processes."""
     from safetensors.torch import load_file
+
+    manifest = json.loads((b_path.parent / "salsa_manifest.json").read_text())
+    assert manifest["training"] == {"world_size": 2, "fsdp2_sharded": True}
 
     a, b = load_file(str(a_path)), load_file(str(b_path))
     assert a.keys() == b.keys()
@@ -118,3 +122,41 @@ def test_fsdp2_reward_lora_on_two_processes_matches_one_process(tiny_model_dir, 
     single = json.loads((tmp_path / "single" / "salsa_manifest.json").read_text())["reward_stats"]
     sharded = json.loads((tmp_path / "sharded" / "salsa_manifest.json").read_text())["reward_stats"]
     assert sharded == pytest.approx(single, rel=1e-4)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", ["full", "lora"])
+def test_fsdp2_ppo_on_two_processes_matches_one_process(layout, ppo_pipeline, tmp_path):
+    """PPO with sharded generation, anchors, reward model and critic.
+
+    SALSA (soup anchor, KL to init logged too) with a reward model, in both layouts: `full` = policy, init, soup,
+    reward and critic as five separately sharded models (adapters merged); `lora` = policy, init, soup, reward
+    and value adapters on ONE sharded base.
+    Greedy rollouts of a fixed length (no EOS before `max_new_tokens`) make the two runs see the same tokens and
+    equal token counts per rank; advantages are whitened with the global batch's statistics on both."""
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(8, seed=4)]
+    )
+    policy, reward = str(ppo_pipeline / "sft1"), str(ppo_pipeline / "rm")
+    extra = [f"--model.soup={ppo_pipeline / 'soup'}", "--model.anchor=soup"]
+
+    def args(out: str) -> list[str]:
+        return ppo_args(policy, str(prompts), *extra, "--trainer.max_epochs=3", "--model.ppo.ppo_epochs=1",
+                        "--model.generation.do_sample=false", "--model.generation.max_new_tokens=6",
+                        "--model.generation.min_new_tokens=6", "--model.optim.lr=1e-3", f"--model.layout={layout}",
+                        f"--model.output_dir={tmp_path / out}", reward=reward)  # fmt: skip
+
+    single = cli_main(args("single") + ["--data.batch_size=8", "--model.ppo.mini_batch_size=8"])
+    torchrun(args("sharded") + ["--data.batch_size=4", "--model.ppo.mini_batch_size=4", "--trainer.devices=2",
+                                STRATEGY], tmp_path)  # fmt: skip
+    reference = [{k: v for k, v in h.items() if not k.startswith("time/")} for h in single.model.history]
+    sharded = json.loads((tmp_path / "sharded" / "history.json").read_text())
+    assert len(reference) == len(sharded) == 3
+    keys = ["objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy_avg", "loss/value_avg",
+            "policy/approxkl_avg", "objective/kl_init", "val/num_eos_tokens"]  # fmt: skip
+    for ref, got in zip(reference, sharded, strict=True):
+        for k in keys:
+            assert got[k] == pytest.approx(ref[k], rel=1e-3, abs=1e-5), (k, ref["step"])
+    assert reference[-1]["objective/kl"] != 0  # the policy moved, so agreement is not the trivial one
+    name = "model.safetensors" if layout == "full" else "adapter_model.safetensors"
+    assert_same_safetensors(tmp_path / "single" / name, tmp_path / "sharded" / name)

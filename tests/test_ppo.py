@@ -10,39 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import addition_conversations, addition_preferences, ppo_args, reward_args, sft_args, write_jsonl
+from helpers import ppo_args, write_jsonl
 
 from salsa_lightning.cli import cli_main, main
 from salsa_lightning.models.loading import ModelSpec
 from salsa_lightning.stage import MANIFEST_NAME
 
 
-@pytest.fixture(scope="module")
-def pipeline(tiny_model_dir, tmp_path_factory):
-    """Tiny LoRA SFT seeds 1 and 2, a LoRA reward model, and RL prompts: the inputs of a PPO run."""
-    root = tmp_path_factory.mktemp("ppo-pipeline")
-    sft = write_jsonl(root / "sft.jsonl", addition_conversations(48))
-    prefs = write_jsonl(root / "prefs.jsonl", addition_preferences(48))
-    write_jsonl(
-        root / "prompts.jsonl", [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(16, seed=9)]
-    )
-    for seed in (1, 2):
-        main(sft_args(str(tiny_model_dir), str(sft), str(root / f"sft{seed}"), "--trainer.max_steps=3", "--model.model.lora.r=4",
-                      "--model.optim.lr=1e-2", f"--seed_everything={seed}"))  # fmt: skip
-    main(
-        reward_args(
-            str(root / "sft1"),
-            str(prefs),
-            str(root / "rm"),
-            "--trainer.max_steps=4",
-            "--model.model.lora.r=4",
-            "--model.optim.lr=1e-2",
-        )
-    )
-    shutil.copytree(root / "sft1", root / "sft1-copy")  # the same weights under another path (an independent anchor)
-    main(["soup", f"--inputs=[{root / 'sft1'},{root / 'sft1-copy'}]", f"--output_dir={root / 'soup-identical'}"])
-    main(["soup", f"--inputs=[{root / 'sft1'},{root / 'sft2'}]", f"--output_dir={root / 'soup'}"])
-    return root
+@pytest.fixture
+def pipeline(ppo_pipeline):
+    return ppo_pipeline
 
 
 def run(pipeline: Path, *extra: str, reward: bool = True, **kwargs):

@@ -8,6 +8,7 @@ check it. `full_state_dict` gathers the unsharded weights for the HF-format stag
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +29,9 @@ class FSDPSpec:
     """Keep sharded weights, gradients and optimizer state in CPU memory (slower; for models that do not fit)."""
     reshard_after_forward: bool = True
     """Free each gathered layer after its forward (ZeRO-3); False keeps it until backward (ZeRO-2, faster)."""
+    gather_for_generation: bool = True
+    """PPO: gather the policy once for a whole rollout `generate` (one all-gather per layer, memory of the full
+    policy on every rank while generating) instead of once per layer per generated token."""
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -108,12 +112,63 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return state
 
 
-__all__ = ["FSDPSpec", "shard_decoder_layers", "decoder_layers", "full_state_dict", "is_sharded", "uses_fsdp2"]
-
-
 def uses_fsdp2(module) -> bool:
     """Whether the module's trainer runs Lightning's `ModelParallelStrategy` (FSDP2)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     trainer = getattr(module, "_trainer", None)
     return trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def shard_module(module: torch.nn.Module, device_mesh: Any, spec: FSDPSpec | None = None) -> torch.nn.Module:
+    """`fully_shard` a small module on its own (a linear head outside any transformers model): its gradients are
+    then reduced across ranks like every other parameter's, and gradient clipping sees one kind of tensor."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    spec = spec or FSDPSpec()
+    names = device_mesh.mesh_dim_names or ()
+    mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES.get(spec.param_dtype), reduce_dtype=DTYPES.get(spec.reduce_dtype))
+    return fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+
+@contextmanager
+def gathered(model: torch.nn.Module, spec: FSDPSpec | None = None):
+    """Within the block, each FSDP unit of `model` stays gathered after its first forward (one all-gather per
+    layer for a whole `generate`, instead of one per layer per new token); on exit every unit is resharded and
+    the settings `shard_decoder_layers` gave are restored. A no-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    inner = {id(m) for unit in units for m in unit.modules() if m is not unit}
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        spec = spec or FSDPSpec()
+        for unit in units:
+            unit.reshard()
+            # the outermost units keep their parameters to backward, as shard_decoder_layers set them
+            unit.set_reshard_after_forward(spec.reshard_after_forward if id(unit) in inner else False, recurse=False)
+
+
+def world_size() -> int:
+    return (
+        torch.distributed.get_world_size()
+        if torch.distributed.is_available() and torch.distributed.is_initialized()
+        else 1
+    )
+
+
+__all__ = [
+    "FSDPSpec",
+    "decoder_layers",
+    "full_state_dict",
+    "gathered",
+    "is_sharded",
+    "shard_decoder_layers",
+    "shard_module",
+    "uses_fsdp2",
+    "world_size",
+]

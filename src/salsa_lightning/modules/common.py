@@ -110,5 +110,13 @@ def save_stage_output(
             (tmp / CONFIG_NAME).write_text(resolved_config)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        write_manifest(tmp, {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": library_versions(), **manifest})
+        from salsa_lightning.distributed import world_size
+
+        # how the weights were trained: a sharded model arrives here as its gathered `state_dict`
+        training = {"world_size": world_size(), "fsdp2_sharded": state_dict is not None}
+        write_manifest(
+            tmp,
+            {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": library_versions(), "training": training,
+             **manifest},
+        )  # fmt: skip
     return Path(output_dir)

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from salsa_lightning import rl
 from salsa_lightning.data.collate import pad_sequences
 from salsa_lightning.data.preferences import conversation
+from salsa_lightning.distributed import FSDPSpec, full_state_dict, uses_fsdp2, world_size
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import (
     ModelSpec,
@@ -43,6 +44,10 @@ class GenerationSpec:
     """Top-k filter (0 = off)."""
     top_p: float = 1.0
     """Nucleus filter (1.0 = off)."""
+    do_sample: bool = True
+    """False = greedy rollouts (deterministic; for debugging and for comparing runs, not for training)."""
+    min_new_tokens: int = 0
+    """EOS is suppressed until a response has this many tokens (0 = off)."""
 
 
 @dataclass
@@ -118,6 +123,7 @@ class PPOModule(L.LightningModule):
         sample_table_every: int = 10,
         output_dir: str | None = None,
         overwrite: bool = False,
+        fsdp: FSDPSpec | None = None,
     ):
         """
         Args:
@@ -144,6 +150,9 @@ class PPOModule(L.LightningModule):
             sample_table_every: Print a Rich table of prompts, responses and scores every N updates (0 = never).
             output_dir: Where the trained policy is written (HF format, adapter or full); `{seed}` is filled in.
             overwrite: Replace `output_dir` if it exists.
+            fsdp: FSDP2 settings, used under `ModelParallelStrategy`: every model of the stack is sharded per
+                decoder layer (the LoRA layout shards its one base with all adapters); rollouts generate with the
+                policy gathered once per rollout (`gather_for_generation`) and all ranks in step (`synced_gpus`).
         """
         super().__init__()
         self.automatic_optimization = False
@@ -153,6 +162,7 @@ class PPOModule(L.LightningModule):
         self.optim = optim or OptimSpec(lr=2e-6, warmup_ratio=0.0, schedule="linear")
         self.kl_hack = kl_hack or KLHackSpec()
         self.spec = model or ModelSpec()
+        self.fsdp = fsdp or FSDPSpec()
         if (reward_model is None) == (reward_fn is None):
             raise SalsaError(
                 "Set exactly one of `reward_model` (a reward stage output) and `reward_fn` (module:function)."
@@ -253,6 +263,8 @@ class PPOModule(L.LightningModule):
                 self.stack = build_stack(
                     self.layout, self.spec, self.policy_init, self.anchor_paths, self.reward_model, self.value_head
                 )
+            if uses_fsdp2(self):
+                self.stack.shard(self.device_mesh, self.fsdp)
             self.stack.eval()  # no dropout: rollout and update log-probs must come from the same function
 
     def configure_optimizers(self):
@@ -290,16 +302,21 @@ class PPOModule(L.LightningModule):
         prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
         timings = {}
         t0 = time.perf_counter()
+        sampling = (
+            {"do_sample": True, "temperature": self.gen.temperature, "top_k": self.gen.top_k or None,
+             "top_p": self.gen.top_p} if self.gen.do_sample else {"do_sample": False}
+        )  # fmt: skip
         out = self.stack.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             max_new_tokens=self.gen.max_new_tokens,
-            do_sample=True,
-            temperature=self.gen.temperature,
-            top_k=self.gen.top_k or None,
-            top_p=self.gen.top_p,
+            min_new_tokens=self.gen.min_new_tokens or None,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            # sharded: every rank must run every forward (each gathers layers from all), so ranks that finish
+            # early keep stepping until the slowest one is done
+            synced_gpus=world_size() > 1 and self.stack.fsdp is not None,
+            **sampling,
         )
         timings["time/generate"] = time.perf_counter() - t0
         response = out[:, prompt_ids.shape[1] :]  # (B, R)
@@ -336,10 +353,12 @@ class PPOModule(L.LightningModule):
         scores = rl.apply_missing_eos_penalty(scores, has_eos, self.ppo.missing_eos_penalty)
         shaped = rl.shape_rewards(scores, kl, resp_mask, self.kl_ctl.value)
         gae = rl.compute_gae(
-            shaped.rewards, values, resp_mask, self.ppo.gamma, self.ppo.lam, whiten=self.ppo.whiten_advantages
-        )
+            shaped.rewards, values, resp_mask, self.ppo.gamma, self.ppo.lam, whiten=self.ppo.whiten_advantages,
+            all_reduce=self._sum_over_ranks if world_size() > 1 else None,
+        )  # fmt: skip
         metrics = rl.rollout_metrics(scores, shaped, kl, resp_mask, has_eos, entropy, named_kls)
         metrics["val/explained_variance"] = rl.explained_variance(values, gae.returns, resp_mask)
+        metrics = self._mean_over_ranks(metrics)
         metrics["kl_coef"] = torch.tensor(self.kl_ctl.value)
         return {
             "ids": ids, "mask": mask, "pos": pos, "response": response, "resp_mask": resp_mask,
@@ -347,6 +366,29 @@ class PPOModule(L.LightningModule):
             "kl": kl, "scores": scores, "raw_scores": raw_scores, "texts": texts,
             "messages": batch["messages"], "metrics": metrics, "timings": timings,
         }  # fmt: skip
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(t.clone(), reduce_op="sum")
+
+    def _mean_over_ranks(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Data-parallel runs: every rank logs, controls β and watches for the KL-hack with the global batch's
+        statistics (each rank holds an equal share, so the mean of the ranks' means is the batch mean)."""
+        n = world_size()
+        if n == 1:
+            return metrics
+        keys = list(metrics)
+        stacked = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=self.device) for k in keys])
+        reduced = self._sum_over_ranks(stacked) / n
+        out = dict(zip(keys, reduced.unbind(), strict=True))
+        if "val/num_eos_tokens" in out:
+            out["val/num_eos_tokens"] = out["val/num_eos_tokens"] * n  # a count, not a mean
+        return out
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is true on any: a rank must never skip an update the others take."""
+        if world_size() == 1:
+            return flag
+        return bool(self._sum_over_ranks(torch.tensor(float(flag), device=self.device)) > 0)
 
     def _score(self, messages: list, texts: list[str]) -> torch.Tensor:
         """Reward of each response, rendered with the chat template exactly as the reward stage trained on."""
@@ -370,11 +412,14 @@ class PPOModule(L.LightningModule):
         self.stack.eval()  # Lightning switches modules to train mode at fit start; PPO wants no dropout
         # Sampling and minibatch order are a function of (seed, update): a resumed run continues exactly,
         # whatever else drew random numbers in between (data loaders, checkpoint I/O).
-        torch.manual_seed((current_seed() or 0) * 1_000_003 + self.updates_done)
+        # (each rank its own stream, so ranks do not share sampling noise; rank 0's is the single-process one)
+        torch.manual_seed((current_seed() or 0) * 1_000_003 + self.updates_done + self.global_rank * 2**32)
         roll = self.rollout(batch)
         metrics = dict(roll["metrics"])
-        if not all(
-            torch.isfinite(torch.as_tensor(v)).all() for k, v in metrics.items() if k != "val/explained_variance"
+        if self._any_rank(
+            not all(
+                torch.isfinite(torch.as_tensor(v)).all() for k, v in metrics.items() if k != "val/explained_variance"
+            )
         ):
             self._skip_nonfinite("rollout")
             return
@@ -399,7 +444,7 @@ class PPOModule(L.LightningModule):
                     new_values, roll["values"][idx], roll["returns"][idx], mb_resp_mask, self.ppo.cliprange_value
                 )
                 loss = pg.loss + self.ppo.vf_coef * vf.loss
-                if not torch.isfinite(loss):
+                if self._any_rank(not torch.isfinite(loss)):
                     opt.zero_grad()
                     self._skip_nonfinite("loss")
                     return
@@ -412,10 +457,12 @@ class PPOModule(L.LightningModule):
         self.updates_done += 1
         self.nonfinite_in_a_row = 0
         metrics["time/optimize"] = time.perf_counter() - t0
-        for key in update_logs[0]:
-            metrics[key] = torch.stack([u[key].detach() for u in update_logs]).mean()
+        metrics.update(
+            self._mean_over_ranks({k: torch.stack([u[k].detach() for u in update_logs]).mean() for k in update_logs[0]})
+        )
         metrics.update(roll["timings"])
-        self.kl_ctl.update(float(rl.masked_sum(roll["kl"], roll["resp_mask"], dim=1).mean()), n_steps=B)
+        # the global batch's mean KL per response (metrics are reduced over ranks), so β is the same on every rank
+        self.kl_ctl.update(float(metrics["objective/kl"]), n_steps=B * world_size())
         logged = {k: float(v) for k, v in metrics.items()}
         self.last_metrics = logged
         self.history.append({"step": self.global_step, **logged})
@@ -469,9 +516,12 @@ class PPOModule(L.LightningModule):
             self.updates_done = state["updates_done"]
 
     def on_fit_end(self) -> None:
-        if self.output_dir is None or not self.trainer.is_global_zero:
+        if self.output_dir is None:
             return
         policy = self.stack.policy_to_save()
+        state_dict = full_state_dict(policy)  # sharded: every rank takes part in the gather
+        if not self.trainer.is_global_zero:
+            return
         manifest = {
             "stage": "salsa" if self.anchor_names == ["soup"] else ("mkl" if len(self.anchor_names) > 1 else "ppo"),
             "format": self.stack.layout,
@@ -491,7 +541,7 @@ class PPOModule(L.LightningModule):
 
         extra = {"history.json": json.dumps(self.history, indent=1)}
         path = save_ppo_policy(
-            self.output_dir, policy, self.tokenizer, manifest, self.resolved_config, self.overwrite, extra
+            self.output_dir, policy, self.tokenizer, manifest, self.resolved_config, self.overwrite, extra, state_dict
         )
         rank_zero_info(f"PPO policy written to {path}")
 
@@ -515,27 +565,30 @@ def _import_callable(ref: str):
     return fn
 
 
-def save_ppo_policy(output_dir, policy, tokenizer, manifest, resolved_config, overwrite, extra):
+def save_ppo_policy(output_dir, policy, tokenizer, manifest, resolved_config, overwrite, extra, state_dict=None):
     """Like `save_stage_output`, but a LoRA policy is saved as the plain adapter named `policy` (PEFT writes a
     non-default adapter into a sub-folder; we save only that adapter and lift it to the top)."""
     from peft import PeftModel
 
     if not isinstance(policy, PeftModel):
-        return save_stage_output(output_dir, policy, tokenizer, manifest, resolved_config, overwrite, extra)
+        return save_stage_output(output_dir, policy, tokenizer, manifest, resolved_config, overwrite, extra, state_dict)
 
     class _PolicyAdapter:
-        def save_pretrained(self, path, safe_serialization=True):
+        def save_pretrained(self, path, safe_serialization=True, state_dict=None):
             import shutil
             import tempfile
 
+            gathered = {"state_dict": state_dict} if state_dict is not None else {}
             with tempfile.TemporaryDirectory(dir=path) as tmp:
-                policy.save_pretrained(tmp, selected_adapters=["policy"], safe_serialization=True)
+                policy.save_pretrained(tmp, selected_adapters=["policy"], safe_serialization=True, **gathered)
                 src = Path(tmp) / "policy" if (Path(tmp) / "policy").is_dir() else Path(tmp)
                 for f in src.iterdir():
                     if f.is_file():
                         shutil.move(str(f), Path(path) / f.name)
 
-    return save_stage_output(output_dir, _PolicyAdapter(), tokenizer, manifest, resolved_config, overwrite, extra)
+    return save_stage_output(
+        output_dir, _PolicyAdapter(), tokenizer, manifest, resolved_config, overwrite, extra, state_dict
+    )
 
 
 __all__ = ["PPOModule", "PPOSpec", "GenerationSpec", "KLHackSpec"]

@@ -12,6 +12,7 @@ Both expose the same methods, so the PPO module never asks which layout it runs 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from salsa_lightning.distributed import FSDPSpec, gathered, shard_decoder_layers, shard_module
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import (
     ModelSpec,
@@ -28,7 +30,7 @@ from salsa_lightning.models.loading import (
     lora_config_like,
     resolve_model_path,
 )
-from salsa_lightning.reward.model import load_reward_model, unwrap
+from salsa_lightning.reward.model import load_reward_model, token_scores, unwrap
 from salsa_lightning.rl.sequences import last_token_index
 
 
@@ -47,7 +49,22 @@ def _backbone(model):
 
 
 def _hidden(model, ids, mask, pos) -> torch.Tensor:
-    return _backbone(model)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    """The trunk's last hidden state (B, T, H), read by a hook during the model's own forward (so that FSDP's
+    root gathers the embeddings); `logits_to_keep=1` skips the vocabulary projection of all but one position."""
+    captured: list[torch.Tensor] = []
+    handle = _backbone(model).register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    try:
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def _generation_context(model, spec: FSDPSpec | None):
+    """Sharded: keep the policy's layers gathered for the whole `generate` (see distributed.gathered)."""
+    if spec is not None and spec.gather_for_generation:
+        return gathered(model, spec)
+    return contextlib.nullcontext()
 
 
 def _last_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -66,6 +83,7 @@ def _merged_causal_lm(path: str, spec: ModelSpec, trainable: bool):
 
 class FullStack(nn.Module):
     layout = "full"
+    fsdp: FSDPSpec | None = None  # set by `shard`
 
     def __init__(self, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str | None, value_head: str):
         super().__init__()
@@ -101,7 +119,8 @@ class FullStack(nn.Module):
         return model
 
     def generate(self, **kwargs) -> torch.Tensor:
-        return self.policy.generate(**kwargs)
+        with _generation_context(self.policy, self.fsdp):
+            return self.policy.generate(**kwargs)
 
     def policy_logits(self, ids, mask, pos) -> torch.Tensor:
         return self.policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
@@ -110,11 +129,22 @@ class FullStack(nn.Module):
         return self.anchors[name](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
 
     def reward_scores(self, ids, mask) -> torch.Tensor:
-        pos = _positions(mask)
-        return unwrap(self.reward).score(_last_hidden(_hidden(self.reward, ids, mask, pos), mask)).squeeze(-1).float()
+        scores = token_scores(self.reward, ids, mask, _positions(mask))  # (B, L)
+        return scores[torch.arange(scores.shape[0], device=scores.device), last_token_index(mask).clamp(min=0)]
 
     def values(self, ids, mask, pos) -> torch.Tensor:
-        return unwrap(self.value).score(_hidden(self.value, ids, mask, pos)).squeeze(-1).float()  # (B, L)
+        return token_scores(self.value, ids, mask, pos)  # (B, L)
+
+    def shard(self, device_mesh, spec: FSDPSpec) -> None:
+        """FSDP2: every model of the stack sharded per decoder layer (frozen ones too), each its own root."""
+        for model in (
+            self.policy,
+            *self.anchors.values(),
+            *([self.reward] if hasattr(self, "reward") else []),
+            self.value,
+        ):
+            shard_decoder_layers(model, device_mesh, spec)
+        self.fsdp = spec
 
     def policy_to_save(self):
         return self.policy
@@ -134,6 +164,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 class LoraStack(nn.Module):
     layout = "lora"
+    fsdp: FSDPSpec | None = None  # set by `shard`
 
     def __init__(self, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str | None, value_head: str):
         super().__init__()
@@ -231,7 +262,8 @@ class LoraStack(nn.Module):
 
     def generate(self, **kwargs) -> torch.Tensor:
         self._use("policy")
-        return self.model.generate(**kwargs)
+        with _generation_context(unwrap(self.model), self.fsdp):
+            return self.model.generate(**kwargs)
 
     def policy_logits(self, ids, mask, pos) -> torch.Tensor:
         self._use("policy")
@@ -253,6 +285,15 @@ class LoraStack(nn.Module):
     def policy_to_save(self):
         self._use("policy")
         return self.model
+
+    def shard(self, device_mesh, spec: FSDPSpec) -> None:
+        """FSDP2: the shared base (with every adapter) sharded per decoder layer; its root is the transformers model
+        inside the PEFT wrapper, whose forward both `model(...)` and `model.generate(...)` reach. The heads are
+        sharded on their own."""
+        shard_decoder_layers(unwrap(self.model), device_mesh, spec)
+        shard_module(self.reward_head, device_mesh, spec)
+        shard_module(self.value_head, device_mesh, spec)
+        self.fsdp = spec
 
 
 def build_stack(
