@@ -124,14 +124,30 @@ def test_fsdp2_reward_lora_on_two_processes_matches_one_process(tiny_model_dir, 
     assert sharded == pytest.approx(single, rel=1e-4)
 
 
+def perturbed_copy(model_dir: Path, out: Path) -> Path:
+    """Another full-weight "seed": the model with every weight nudged (tokenizer unchanged)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["full", "lora"])
-def test_fsdp2_ppo_on_two_processes_matches_one_process(layout, ppo_pipeline, tmp_path):
+@pytest.mark.parametrize("layout", ["full", "lora", "full-weight seeds"])
+def test_fsdp2_ppo_on_two_processes_matches_one_process(layout, ppo_pipeline, tiny_model_dir, tmp_path):
     """PPO with sharded generation, anchors, reward model and critic.
 
     SALSA (soup anchor, KL to init logged too) with a reward model, in both layouts: `full` = policy, init, soup,
     reward and critic as five separately sharded models (adapters merged); `lora` = policy, init, soup, reward
-    and value adapters on ONE sharded base.
+    and value adapters on ONE sharded base; `full-weight seeds` = a full-weight policy and an in-memory soup of two
+    full-weight seeds, which the sharded run reads straight into shards (each rank only its rows of each input)
+    while the single process averages whole state dicts.
     Greedy rollouts of a fixed length (no EOS before `max_new_tokens`) make the two runs see the same tokens and
     equal token counts per rank; advantages are whitened with the global batch's statistics on both."""
     prompts = write_jsonl(
@@ -139,6 +155,10 @@ def test_fsdp2_ppo_on_two_processes_matches_one_process(layout, ppo_pipeline, tm
     )
     policy, reward = str(ppo_pipeline / "sft1"), str(ppo_pipeline / "rm")
     extra = [f"--model.soup={ppo_pipeline / 'soup'}", "--model.anchor=soup"]
+    if layout == "full-weight seeds":
+        policy, layout = str(tiny_model_dir), "full"
+        extra = [f"--model.soup_inputs=[{policy},{perturbed_copy(tiny_model_dir, tmp_path / 'seed2')}]",
+                 "--model.soup_weights=[0.3,0.7]", "--model.anchor=soup"]  # fmt: skip
 
     def args(out: str) -> list[str]:
         return ppo_args(policy, str(prompts), *extra, "--trainer.max_epochs=3", "--model.ppo.ppo_epochs=1",

@@ -260,9 +260,11 @@ class PPOModule(L.LightningModule):
             # PEFT draws random initial LoRA weights before loading saved ones; fork the RNG so that which
             # anchors are loaded never changes the rollouts (PPO and SALSA runs then share sampling noise)
             with torch.random.fork_rng(devices=[]):
+                sharding = (self.device_mesh, self.fsdp) if uses_fsdp2(self) else None
                 self.stack = build_stack(
-                    self.layout, self.spec, self.policy_init, self.anchor_paths, self.reward_model, self.value_head
-                )
+                    self.layout, self.spec, self.policy_init, self.anchor_paths, self.reward_model, self.value_head,
+                    sharding,
+                )  # fmt: skip
             if uses_fsdp2(self):
                 self.stack.shard(self.device_mesh, self.fsdp)
             self.stack.eval()  # no dropout: rollout and update log-probs must come from the same function

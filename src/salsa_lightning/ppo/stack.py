@@ -16,11 +16,12 @@ import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from salsa_lightning.distributed import FSDPSpec, gathered, shard_decoder_layers, shard_module
+from salsa_lightning.distributed import FSDPSpec, gathered, is_sharded, shard_decoder_layers, shard_module
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import (
     ModelSpec,
@@ -85,38 +86,73 @@ class FullStack(nn.Module):
     layout = "full"
     fsdp: FSDPSpec | None = None  # set by `shard`
 
-    def __init__(self, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str | None, value_head: str):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        policy_init: str,
+        anchors: dict[str, str],
+        reward: str | None,
+        value_head: str,
+        sharding: tuple[Any, FSDPSpec] | None = None,
+    ):
+        """`sharding` = (device mesh, FSDPSpec): full-weight directories (and full-weight soups) are then read
+        straight into FSDP2 shards (`soup.sharded.load_sharded`), so no rank holds a whole copy of any of the
+        five models; adapters are merged whole first and sharded by `shard`."""
         super().__init__()
-        self.policy = _merged_causal_lm(policy_init, spec, trainable=True)
+        self.sharding = sharding
+        self.policy = self._causal_lm([policy_init], None, spec).requires_grad_(True)
         self.anchors = nn.ModuleDict()
         for name, path in anchors.items():
             if isinstance(path, InMemorySoup):
-                model = self._soup_model(path, spec)
-            elif path == policy_init:
+                model = self._causal_lm(list(path.inputs), path.weights, spec)
+            elif path == policy_init and sharding is None:
                 model = copy.deepcopy(self.policy)
             else:
-                model = _merged_causal_lm(path, spec, trainable=False)
+                model = self._causal_lm([path], None, spec)
             self.anchors[name] = model.requires_grad_(False)
         pad = self.policy.config.pad_token_id
-        reward_spec = ModelSpec(**{**spec.__dict__, "name_or_path": reward or policy_init, "lora": None})
         if reward is not None:
-            self.reward = _merge_if_peft(
-                load_reward_model(reward_spec, trainable=False, pad_token_id=pad)
-            ).requires_grad_(False)
+            self.reward = self._reward_model(reward, spec, pad).requires_grad_(False)
         # the critic starts from the reward model, or (programmatic reward) from the policy's own weights
-        self.value = _merge_if_peft(load_reward_model(reward_spec, trainable=True, pad_token_id=pad)).requires_grad_(
-            True
-        )
+        self.value = self._reward_model(reward or policy_init, spec, pad).requires_grad_(True)
+        if spec.gradient_checkpointing and sharding is not None:
+            for model in (self.policy, self.value):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if value_head == "reinit" or reward is None:
             nn.init.zeros_(unwrap(self.value).score.weight)
 
-    def _soup_model(self, soup: InMemorySoup, spec: ModelSpec):
-        from salsa_lightning.soup.api import soup_state_dicts
+    def _shards_directly(self, paths: list[str]) -> bool:
+        return self.sharding is not None and not any(is_adapter_dir(resolve_model_path(p)) for p in paths)
 
-        seeds = [_merged_causal_lm(p, spec, trainable=False) for p in soup.inputs]
-        model = seeds[0]
-        model.load_state_dict(soup_state_dicts([m.state_dict() for m in seeds], soup.weights))
-        return model
+    def _causal_lm(self, paths: list[str], weights, spec: ModelSpec):
+        """One input: that model; several: their soup (`weights`, uniform by default)."""
+        from salsa_lightning.soup.api import resolve_weights, soup_state_dicts
+
+        weights = list(weights or resolve_weights(len(paths), None))
+        if self._shards_directly(paths):
+            from transformers import AutoModelForCausalLM
+
+            from salsa_lightning.soup.sharded import load_sharded
+
+            return load_sharded(AutoModelForCausalLM, paths, weights, spec, *self.sharding)
+        models = [_merged_causal_lm(p, spec, trainable=False) for p in paths]
+        if len(models) > 1:
+            models[0].load_state_dict(soup_state_dicts([m.state_dict() for m in models], weights))
+        return models[0]
+
+    def _reward_model(self, path: str, spec: ModelSpec, pad: int | None):
+        if self._shards_directly([path]):
+            from transformers import AutoModelForSequenceClassification
+
+            from salsa_lightning.reward.model import _set_pad
+            from salsa_lightning.soup.sharded import load_sharded
+
+            model = load_sharded(AutoModelForSequenceClassification, [path], [1.0], spec, *self.sharding,
+                                 missing_ok=lambda name: name.endswith("score.weight"), num_labels=1)  # fmt: skip
+            _set_pad(model, pad)
+            return model
+        model_spec = ModelSpec(**{**spec.__dict__, "name_or_path": path, "lora": None})
+        return _merge_if_peft(load_reward_model(model_spec, trainable=False, pad_token_id=pad))
 
     def generate(self, **kwargs) -> torch.Tensor:
         with _generation_context(self.policy, self.fsdp):
@@ -143,7 +179,8 @@ class FullStack(nn.Module):
             *([self.reward] if hasattr(self, "reward") else []),
             self.value,
         ):
-            shard_decoder_layers(model, device_mesh, spec)
+            if not is_sharded(model):  # those read straight into shards already are
+                shard_decoder_layers(model, device_mesh, spec)
         self.fsdp = spec
 
     def policy_to_save(self):
@@ -297,16 +334,22 @@ class LoraStack(nn.Module):
 
 
 def build_stack(
-    layout: str, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str | None, value_head: str
+    layout: str,
+    spec: ModelSpec,
+    policy_init: str,
+    anchors: dict[str, str],
+    reward: str | None,
+    value_head: str,
+    sharding: tuple[Any, FSDPSpec] | None = None,
 ):
     if layout == "auto":
         adapters = [policy_init, *([reward] if reward else [])]
         for anchor in anchors.values():
             adapters += list(anchor.inputs) if isinstance(anchor, InMemorySoup) else [anchor]
         layout = "lora" if all(is_adapter_dir(resolve_model_path(p)) for p in adapters) else "full"
-    cls = {"full": FullStack, "lora": LoraStack}[layout]
-    if cls is FullStack:
+    if layout == "full":
         from salsa_lightning.models.quantization import refuse_full_weights
 
         refuse_full_weights(spec, "PPO's full layout (separate full-weight models)")
-    return cls(spec, policy_init, anchors, reward, value_head)
+        return FullStack(spec, policy_init, anchors, reward, value_head, sharding)
+    return LoraStack(spec, policy_init, anchors, reward, value_head)
