@@ -35,9 +35,10 @@ class FSDPSpec:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+    """Whether FSDP2 (`fully_shard`) or FSDP1 (`FullyShardedDataParallel`) shards any part of `model`."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -94,18 +95,46 @@ def shard_decoder_layers(model: torch.nn.Module, device_mesh: Any, spec: FSDPSpe
     return model
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The unsharded state dict on CPU (a collective: every rank must call it; every rank gets it), or None for a
-    model that is not sharded — then `save_pretrained` reads the model itself."""
-    if not is_sharded(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def full_state_dict(model: torch.nn.Module, root: torch.nn.Module | None = None) -> dict[str, torch.Tensor] | None:
+    """The unsharded state dict on CPU, or None for a model that is not sharded — then `save_pretrained` reads the
+    model itself. A collective: every rank must call it; rank 0 gets the weights (other ranks may get an empty
+    dict).
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    `root` is the module the strategy wrapped (`trainer.model`), for a `model` that sits inside it. Under FSDP1
+    (Lightning's `FSDPStrategy`) the root's own FSDP unit holds, sharded, every parameter that no inner unit owns
+    (embeddings, final norm, LM head), so only a gather from the root sees all the weights; FSDP2 needs no root."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def clean(name: str) -> str:  # a name in `model`, without FSDP1 / checkpoint-wrapper levels
+        wrappers = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+        return ".".join(part for part in name.split(".") if part not in wrappers)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if isinstance(root, FullyShardedDataParallel):
+        if root.compute_device.type == "cpu":
+            # offloading to CPU a model that already is on CPU crashes FSDP1's gather (SIGSEGV on rank 0, torch 2.13)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        path = next((name for name, m in root.named_modules() if m is model), None)
+        if path is None:
+            raise ValueError(f"{type(model).__name__} is not inside the FSDP root it was given")
+        prefix = clean(path) + "." if clean(path) else ""
+        state = {
+            k[len(prefix) :]: v for k, v in get_model_state_dict(root, options=options).items() if k.startswith(prefix)
+        }
+    elif is_sharded(model):
+        fsdp1_inside = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+        if fsdp1_inside and not isinstance(model, FullyShardedDataParallel):
+            # the parameters outside the inner units live, sharded, in an outer unit this function cannot see
+            raise ValueError("An FSDP1-wrapped model needs its FSDP root: full_state_dict(model, root=trainer.model)")
+        state = get_model_state_dict(model, options=options)
+    else:
+        return None
     # The gather returns tied weights (embeddings / LM head) as separate tensors; point them back at one tensor,
     # as in the module, so that `save_pretrained` recognises the tie and writes the weight once.
     first: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
+        name = clean(name)
         if id(param) in first and name in state and first[id(param)] in state:
             state[name] = state[first[id(param)]]
         first.setdefault(id(param), name)

@@ -115,7 +115,8 @@ class SFTModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.output_dir is None:
             return
-        state_dict = full_state_dict(self.model)  # sharded: every rank takes part in the gather
+        # sharded: every rank takes part in the gather; FSDP1 needs the wrapper Lightning put around this module
+        state_dict = full_state_dict(self.model, root=self.trainer.model)
         if not self.trainer.is_global_zero:
             return
         manifest = {
