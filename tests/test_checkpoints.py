@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import addition_conversations, addition_preferences, reward_args, sft_args, write_jsonl
 from safetensors.torch import load_file
 from test_fsdp import STRATEGY, common_args, equal_length_conversations
@@ -92,8 +93,8 @@ def test_sharded_checkpoint_resumes_like_an_uninterrupted_run(sharded_runs):
     for whole_rank, resumed_rank in zip(whole, resumed, strict=True):
         assert resumed_rank == pytest.approx(whole_rank[2:], rel=1e-6, abs=0)
     assert whole[0][-1] < whole[0][0]  # it trained, so the agreement is not the trivial one
-    assert_same_safetensors(sharded_runs / "whole/out/model.safetensors", sharded_runs / "resumed/out/model.safetensors",
-                            exact=False)  # fmt: skip
+    outputs = [sharded_runs / run / "out" / "model.safetensors" for run in ("whole", "resumed")]
+    assert_same_safetensors(*outputs, exact=False)
 
 
 @pytest.mark.distributed
@@ -167,6 +168,25 @@ def test_lora_ckpt_exports_an_adapter_that_plain_peft_loads(lora_run, tiny_model
     (out / "stale.txt").write_text("x")
     cli_main(["export", f"--checkpoint={ckpt}", f"--output_dir={out}", "--overwrite"])
     assert not (out / "stale.txt").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_checkpoint_written_outside_our_cli_exports_its_model_settings(lora_run, tmp_path):
+    # a checkpoint without what StageConfigCallback adds: config.yaml holds what it has, the model's settings
+    from salsa_lightning.cli import CHECKPOINT_KEY
+
+    _, ckpt, fit_out = lora_run
+    bare = torch.load(ckpt, weights_only=True)
+    del bare[CHECKPOINT_KEY]
+    torch.save(bare, tmp_path / "bare.ckpt")
+    out = tmp_path / "exported"
+    cli_main(["export", f"--checkpoint={tmp_path / 'bare.ckpt'}", f"--output_dir={out}"])
+
+    assert_same_safetensors(fit_out / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"]["class_path"] == "salsa_lightning.modules.sft.SFTModule"
+    assert config["model"]["init_args"]["model"]["lora"]["r"] == 4
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["seed"] is None and manifest["metrics"] == {}
 
 
 def test_reward_ckpt_exports_without_training_set_stats(tiny_model_dir, tmp_path):

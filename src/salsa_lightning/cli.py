@@ -5,7 +5,7 @@
     python -m salsa_lightning --help          # lists every subcommand
 
 `fit`/`validate`/... are LightningCLI's own (model and data by `class_path`, every field overridable,
-`--print_config`). The extra subcommands (`data`, `soup`, `evaluate`, `landscape`) are not Trainer
+`--print_config`). The extra subcommands (`data`, `soup`, `evaluate`, `export`, `landscape`) are not Trainer
 methods, so LightningCLI cannot build them; we add their parsers (one dataclass each) to the same
 subcommand group, so one `--help` shows everything, and run them without a Trainer.
 """
