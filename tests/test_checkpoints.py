@@ -29,6 +29,7 @@ from salsa_lightning.stage import MANIFEST_NAME
 ROOT = Path(__file__).resolve().parents[1]
 # what differs between two writes of the same model: when, and where the export came from
 VOLATILE_MANIFEST_KEYS = {"created", "exported_from"}
+SFT_CLASS = "salsa_lightning.modules.sft.SFTModule"
 
 
 def launch_two_processes(args: list[str], cwd: Path) -> None:
@@ -241,11 +242,14 @@ def _bad_checkpoint(kind: str, tmp_path: Path, lora_run) -> Path:
         torch.save({"hyper_parameters": {}}, d / "meta.pt")
         (d / ".metadata").write_bytes(pickle.dumps(RunsCode()))
         return d
-    if kind == "ppo checkpoint":
-        hparams = {"_class_path": "salsa_lightning.modules.ppo.PPOModule"}
-        torch.save({"state_dict": {}, "hyper_parameters": hparams}, tmp_path / "ppo.ckpt")
-        return tmp_path / "ppo.ckpt"
-    raise AssertionError(kind)
+    hparams = {
+        "ppo checkpoint": {"_class_path": "salsa_lightning.modules.ppo.PPOModule"},
+        "unknown field": {"_class_path": SFT_CLASS, "model": {"name_or_path": str(lora_run[2]), "no_such_field": 1}},
+        "base model gone": {"_class_path": SFT_CLASS, "model": {"name_or_path": str(tmp_path / "gone")}},
+        "weights that do not fit": {"_class_path": SFT_CLASS, "model": {"name_or_path": str(lora_run[2])}},
+    }[kind]
+    torch.save({"state_dict": {"x": torch.zeros(2)}, "hyper_parameters": hparams}, tmp_path / "made.ckpt")
+    return tmp_path / "made.ckpt"
 
 
 @pytest.mark.parametrize(
@@ -258,6 +262,9 @@ def _bad_checkpoint(kind: str, tmp_path: Path, lora_run) -> Path:
         ("code in a .ckpt", "is not a Lightning checkpoint that loads without running code"),
         ("code in a DCP index", "cannot be read safely"),
         ("ppo checkpoint", "is a PPO checkpoint"),
+        ("unknown field", "do not fit SFTModule of this salsa_lightning version"),
+        ("base model gone", "gone does not exist; check the path"),
+        ("weights that do not fit", "do not fit the model its hyper_parameters describe"),
     ],
 )
 def test_bad_checkpoint_is_one_sentence_and_writes_nothing(kind, match, tmp_path, lora_run, capsys):

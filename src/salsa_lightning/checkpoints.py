@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import textwrap
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -81,20 +82,25 @@ class LoadedCheckpoint:
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
-    """Resolves only what DCP's `.metadata` is made of: its own metadata classes, torch.Size, dtypes, layouts,
-    paths. Anything else (a function a crafted file would call) is refused before it is looked up."""
+    """Resolves only what DCP's `.metadata` is made of: the dataclasses of `torch.distributed.checkpoint.metadata`,
+    the filesystem's `_StorageInfo`, torch.Size, dtypes, layouts, paths. Anything else (a function a crafted file
+    would call, a class with side effects) is refused before it is looked up."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in _SAFE_GLOBALS:
+        if module == DCP_METADATA_MODULE:
             obj = super().find_class(module, name)
-            if isinstance(obj, type) or (module, name) in _SAFE_GLOBALS:
+            if isinstance(obj, type) and obj.__module__ == module:  # plain dataclasses and one enum
                 return obj
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a distributed-checkpoint index")
 
 
+DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _SAFE_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # a dataclass: file name, offset, length
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # looks a layout up by name
     ("collections", "OrderedDict"),
@@ -137,7 +143,7 @@ def _torch_load(path: Path, what: str, **kwargs: Any) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or others for files it cannot read
-        reason = str(err).strip().splitlines()[0][:200]
+        reason = _short(str(err).strip().splitlines()[0])
         raise SalsaError(
             f"{path} is not a {what} that loads without running code from it ({reason}); "
             "pass a checkpoint written by `python -m salsa_lightning fit`."
@@ -145,6 +151,15 @@ def _torch_load(path: Path, what: str, **kwargs: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise SalsaError(f"{path} holds a {type(obj).__name__}, not a Lightning checkpoint; pass a `.ckpt` from `fit`.")
     return obj
+
+
+def _short(text: str, width: int = 240) -> str:
+    return textwrap.shorten(text, width, placeholder=" ...")
+
+
+def _key_summary(missing: list[str], unexpected: list[str]) -> str:
+    parts = [f"{len(keys)} {what}, e.g. {keys[0]}" for what, keys in (("missing", missing), ("unexpected", unexpected))]
+    return "; ".join(part for part, keys in zip(parts, (missing, unexpected)) if keys)
 
 
 def _dominant_dtype(dtypes_and_sizes) -> torch.dtype | None:
@@ -227,7 +242,18 @@ def build_module(ckpt: LoadedCheckpoint):
         # `auto` means bf16 on a CUDA GPU and float32 on a CPU: build in the dtype the weights were trained in
         model["dtype"] = DTYPE_NAMES[ckpt.dtype]
         hparams["model"] = model
-    module = instantiate_module(cls, hparams)
+    try:
+        module = instantiate_module(cls, hparams)
+    except Exception as err:
+        from salsa_lightning.cli import user_error
+
+        if user_error(err) is not None:  # e.g. the base model is gone: the stage's own sentence
+            raise user_error(err) from err
+        reason = _short(str(err))
+        raise SalsaError(
+            f"The hyper_parameters in {ckpt.path} do not fit {cls.__name__} of this salsa_lightning version "
+            f"({reason}); export with the version that wrote the checkpoint."
+        ) from err
     module.configure_model()
     module.eval()
     return stage, module
@@ -248,11 +274,17 @@ def load_weights(module, ckpt: LoadedCheckpoint) -> None:
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load({"state_dict": module.state_dict()}, storage_reader=_safe_reader(ckpt.path), no_dist=True)
         else:
-            module.load_state_dict(ckpt.state_dict, strict=True)
+            result = module.load_state_dict(ckpt.state_dict, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise SalsaError(
+                    f"The weights in {ckpt.path} do not fit the model its hyper_parameters describe "
+                    f"({_key_summary(result.missing_keys, result.unexpected_keys)}); check that the base model it "
+                    "was trained from is unchanged at its path."
+                )
     except SalsaError:
         raise
     except Exception as err:  # DCP raises CheckpointException, load_state_dict RuntimeError
-        reason = " ".join(str(err).split())[:300]
+        reason = _short(str(err))
         raise SalsaError(
             f"The weights in {ckpt.path} do not fit the model its hyper_parameters describe ({reason}); check that "
             "the base model it was trained from is unchanged at its path."
