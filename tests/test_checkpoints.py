@@ -7,10 +7,7 @@ epoch, and one run resumed from its epoch-2 checkpoint. Every other test here ru
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,24 +16,16 @@ import torch
 import yaml
 from helpers import addition_conversations, addition_preferences, reward_args, sft_args, write_jsonl
 from safetensors.torch import load_file
-from test_fsdp import STRATEGY, common_args, equal_length_conversations
+from test_fsdp import STRATEGY, common_args, equal_length_conversations, torchrun
 
 from salsa_lightning.checkpoints import read_dcp_metadata
 from salsa_lightning.cli import cli_main, main
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.stage import MANIFEST_NAME
 
-ROOT = Path(__file__).resolve().parents[1]
 # what differs between two writes of the same model: when, and where the export came from
 VOLATILE_MANIFEST_KEYS = {"created", "exported_from"}
 SFT_CLASS = "salsa_lightning.modules.sft.SFTModule"
-
-
-def launch_two_processes(args: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "salsa_lightning"]
-    proc = subprocess.run([*cmd, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def sharded_runs(tiny_model_dir, tmp_path_factory) -> Path:
                  f"--trainer.callbacks.dirpath={tmp / name / 'ckpt'}", "--trainer.callbacks.filename={epoch}",
                  "--trainer.callbacks.save_top_k=-1", *extra]  # fmt: skip
         start = time.perf_counter()
-        launch_two_processes(args, tmp)
+        torchrun(args, tmp)
         print(f"{name}: {time.perf_counter() - start:.1f} s")
 
     run("whole")
@@ -65,7 +54,7 @@ def losses(run_dir: Path) -> list[list[float]]:
     return [json.loads((run_dir / f"loss.rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def assert_same_safetensors(a: Path, b: Path, exact: bool = True) -> None:
+def assert_equal_weights(a: Path, b: Path, exact: bool = True) -> None:
     x, y = load_file(str(a)), load_file(str(b))
     assert x.keys() == y.keys()
     for k in x:
@@ -95,7 +84,7 @@ def test_sharded_checkpoint_resumes_like_an_uninterrupted_run(sharded_runs):
         assert resumed_rank == pytest.approx(whole_rank[2:], rel=1e-6, abs=0)
     assert whole[0][-1] < whole[0][0]  # it trained, so the agreement is not the trivial one
     outputs = [sharded_runs / run / "out" / "model.safetensors" for run in ("whole", "resumed")]
-    assert_same_safetensors(*outputs, exact=False)
+    assert_equal_weights(*outputs, exact=False)
 
 
 @pytest.mark.distributed
@@ -103,7 +92,7 @@ def test_export_of_a_sharded_checkpoint_equals_the_fit_end_output(sharded_runs, 
     fit_out, out = sharded_runs / "resumed" / "out", tmp_path / "exported"
     cli_main(["export", f"--checkpoint={sharded_runs / 'resumed' / 'ckpt' / 'epoch=3.ckpt'}", f"--output_dir={out}"])
 
-    assert_same_safetensors(fit_out / "model.safetensors", out / "model.safetensors")
+    assert_equal_weights(fit_out / "model.safetensors", out / "model.safetensors")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fit_out.iterdir())
     for f in fit_out.iterdir():  # tokenizer, HF config, and the run's resolved config.yaml
         if f.name not in {MANIFEST_NAME, "model.safetensors"}:
@@ -148,7 +137,7 @@ def test_lora_ckpt_exports_an_adapter_that_plain_peft_loads(lora_run, tiny_model
     cli_main(["export", f"--checkpoint={ckpt}", f"--output_dir={out}"])
 
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
-    assert_same_safetensors(fit_out / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    assert_equal_weights(fit_out / "adapter_model.safetensors", out / "adapter_model.safetensors")
     adapter = load_file(out / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # it trained
     ids = torch.randint(3, 300, (2, 12))
@@ -182,7 +171,7 @@ def test_checkpoint_written_outside_our_cli_exports_its_model_settings(lora_run,
     out = tmp_path / "exported"
     cli_main(["export", f"--checkpoint={tmp_path / 'bare.ckpt'}", f"--output_dir={out}"])
 
-    assert_same_safetensors(fit_out / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    assert_equal_weights(fit_out / "adapter_model.safetensors", out / "adapter_model.safetensors")
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["model"]["class_path"] == "salsa_lightning.modules.sft.SFTModule"
     assert config["model"]["init_args"]["model"]["lora"]["r"] == 4
@@ -201,7 +190,7 @@ def test_reward_ckpt_exports_without_training_set_stats(tiny_model_dir, tmp_path
     (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
     cli_main(["export", f"--checkpoint={ckpt}", f"--output_dir={out}"])
 
-    assert_same_safetensors(fit_out / "model.safetensors", out / "model.safetensors")
+    assert_equal_weights(fit_out / "model.safetensors", out / "model.safetensors")
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     fit_manifest = json.loads((fit_out / MANIFEST_NAME).read_text())
     assert manifest.keys() >= fit_manifest.keys()  # the same fields as the stage writes (plus where it came from)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import textwrap
 import warnings
 from collections import Counter
@@ -76,6 +77,7 @@ class LoadedCheckpoint:
     meta: dict[str, Any]  # everything but state_dict / optimizer states
     state_dict: dict[str, torch.Tensor] | None  # a file's weights; None for DCP (read straight into the model)
     dtype: torch.dtype | None  # the dtype that holds most weight elements
+    world_size: int | None  # the processes that wrote a distributed checkpoint; a file does not say
 
 
 # ------------------------------------------------------------------ reading checkpoints safely
@@ -195,14 +197,17 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
             if key.startswith("state_dict.") and hasattr(md, "properties")
         ]
         meta = _torch_load(path / LIGHTNING_META, "Lightning checkpoint")
-        return LoadedCheckpoint(path, True, meta, None, _dominant_dtype(sizes))
+        # every rank writes its own __<rank>_<n>.distcp file
+        ranks = {re.match(r"__(\d+)_", str(info.relative_path)) for info in (metadata.storage_data or {}).values()}
+        world_size = len({m.group(1) for m in ranks if m}) or None
+        return LoadedCheckpoint(path, True, meta, None, _dominant_dtype(sizes), world_size)
     ckpt = _torch_load(path, "Lightning checkpoint", mmap=True)
     state_dict = ckpt.pop("state_dict", None)
     ckpt.pop("optimizer_states", None)
     if not isinstance(state_dict, dict):
         raise SalsaError(f"{path} has no model weights (`state_dict`); pass a checkpoint that ModelCheckpoint wrote.")
     dtype = _dominant_dtype((t.dtype, t.numel()) for t in state_dict.values() if isinstance(t, torch.Tensor))
-    return LoadedCheckpoint(path, False, ckpt, state_dict, dtype)
+    return LoadedCheckpoint(path, False, ckpt, state_dict, dtype, None)
 
 
 # ------------------------------------------------------------------ rebuilding the module
@@ -308,6 +313,8 @@ def exported_manifest(stage: str, module, ckpt: LoadedCheckpoint) -> dict[str, A
         "seed": extra.get("seed"),
         "global_step": ckpt.meta.get("global_step"),
         "metrics": metrics,
+        # how the weights were trained (save_stage_output would describe this one process instead)
+        "training": {"world_size": ckpt.world_size, "fsdp2_sharded": ckpt.distributed},
         "exported_from": {
             "checkpoint": str(ckpt.path.resolve()),
             "kind": "distributed" if ckpt.distributed else "file",
