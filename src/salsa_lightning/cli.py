@@ -5,7 +5,7 @@
     python -m salsa_lightning --help          # lists every subcommand
 
 `fit`/`validate`/... are LightningCLI's own (model and data by `class_path`, every field overridable,
-`--print_config`). The extra subcommands (`data`, `soup`, `evaluate`, `landscape`) are not Trainer
+`--print_config`). The extra subcommands (`data`, `soup`, `evaluate`, `export`, `landscape`) are not Trainer
 methods, so LightningCLI cannot build them; we add their parsers (one dataclass each) to the same
 subcommand group, so one `--help` shows everything, and run them without a Trainer.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,9 @@ class ExtraCommand:
         return getattr(importlib.import_module(module), name)
 
 
+# The key under which `StageConfigCallback` stores the resolved config, seed and metrics in every checkpoint.
+CHECKPOINT_KEY = "salsa_lightning"
+
 # Each later stage adds itself here; the dataclass's fields become the command's flags and YAML keys.
 EXTRA_COMMANDS: dict[str, ExtraCommand] = {}
 
@@ -58,6 +62,18 @@ class StageConfigCallback(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if hasattr(pl_module, "resolved_config"):
             pl_module.resolved_config = self.parser.dump(self.config, skip_none=False)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # What `export` needs to write a stage output like the one `fit` writes, and a checkpoint lacks: the whole
+        # resolved config (hyper_parameters hold the model's part only), the seed, the metrics. Plain data only, so
+        # it loads with `torch.load(weights_only=True)`.
+        from salsa_lightning.modules.common import current_seed, scalar_metrics
+
+        checkpoint[CHECKPOINT_KEY] = {
+            "resolved_config": self.parser.dump(self.config, skip_none=False),
+            "seed": current_seed(),
+            "metrics": scalar_metrics(trainer.callback_metrics),
+        }
 
 
 class SalsaCLI(LightningCLI):
@@ -97,6 +113,7 @@ class SalsaCLI(LightningCLI):
             sub = LightningArgumentParser(description=cmd.help)
             sub.add_argument("--config", action="config")
             sub.add_class_arguments(cmd.load(cmd.config), fail_untyped=True, sub_configs=True)
+            _bare_bool_flags(sub, cmd.load(cmd.config))
             self._subcommand_parsers[name] = sub
             group.add_subcommand(name, sub, help=cmd.help)
 
@@ -119,6 +136,14 @@ class SalsaCLI(LightningCLI):
             return super()._run_subcommand(subcommand)
         cmd = EXTRA_COMMANDS[subcommand]
         self.result = cmd.load(cmd.run)(self.command_config)
+
+
+def _bare_bool_flags(parser: LightningArgumentParser, cls: type) -> None:
+    """Let a boolean field be given as a bare flag (`--overwrite`), as in most CLIs, besides `--overwrite true`."""
+    booleans = {name for name, hint in typing.get_type_hints(cls).items() if hint is bool}
+    for action in parser._actions:
+        if action.dest in booleans:
+            action.nargs, action.const = "?", True
 
 
 def _tokenizer_of(model: Any) -> Any:

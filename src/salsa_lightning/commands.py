@@ -20,3 +20,10 @@ register_command(
     run="salsa_lightning.evaluation.run:run_evaluate",
     help="Generate responses from several systems and judge them pairwise: win rates, KL, reward distributions.",
 )
+register_command(
+    "export",
+    config="salsa_lightning.checkpoints:ExportConfig",
+    run="salsa_lightning.checkpoints:run_export",
+    help="Convert an SFT or reward checkpoint (a .ckpt file, or a sharded FSDP2 checkpoint directory) into the "
+    "HF-format stage output; an exported reward model has no training-set reward stats (normalize_reward refuses it).",
+)
