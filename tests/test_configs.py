@@ -10,7 +10,11 @@ import yaml
 from salsa_lightning.cli import EXTRA_COMMANDS, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in {"debug", "ablations"})
+# stage-agnostic overlays (strategy + `fsdp:` block, no model class): stacked on every paper stage config
+OVERLAYS = sorted((ROOT / "configs" / "fsdp").glob("fsdp2-*.yaml"))
+STAGE_CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in {"debug", "ablations"} and p not in OVERLAYS
+)
 DEBUG_CONFIGS = sorted((ROOT / "configs" / "debug").glob("*.yaml"))
 # ablations are stacked on a quickstart stage config, as their headers say
 ABLATIONS = {p: ROOT / "configs/quickstart/salsa.yaml" for p in sorted((ROOT / "configs" / "ablations").glob("*.yaml"))}
@@ -63,6 +67,25 @@ def test_ablation_stacks_on_its_stage_config(ablation: Path, capsys):
     expected = yaml.safe_load(ablation.read_text())["model"]["init_args"]
     for key, value in expected.items():
         assert printed["model"]["init_args"][key] == value, key
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "salsa"])
+def test_fsdp2_overlay_stacks_on_every_stage(overlay: Path, stage: str, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(ROOT / f"configs/paper/llama2-7b/{stage}.yaml"), "--config", str(overlay),
+                  "--print_config"])  # fmt: skip
+    printed = yaml.safe_load(capsys.readouterr().out)
+    strategy = printed["trainer"]["strategy"]
+    assert strategy["class_path"].endswith("ModelParallelStrategy")
+    assert (
+        strategy["init_args"]["data_parallel_size"] == printed["trainer"]["devices"] * printed["trainer"]["num_nodes"]
+    )
+    assert strategy["init_args"]["tensor_parallel_size"] == 1
+    assert printed["model"]["init_args"]["fsdp"] == yaml.safe_load(overlay.read_text())["model"]["init_args"]["fsdp"]
+    # the stage's own model settings survive the overlay
+    stage_cfg = yaml.safe_load((ROOT / f"configs/paper/llama2-7b/{stage}.yaml").read_text())
+    assert printed["model"]["class_path"] == stage_cfg["model"]["class_path"]
 
 
 def test_help_lists_every_subcommand(capsys):
