@@ -290,3 +290,11 @@ def test_quantization_is_a_config_field(tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:  # a value the field does not take is a parse error, not a crash later
         main(sft_args(str(tiny_model_dir), "unused.jsonl", None, "--model.model.quantization=int3"))
     assert exit_info.value.code == 2
+
+
+def test_sharding_a_4bit_base_is_refused_with_a_sentence(tiny_model_dir):
+    # FSDP2 cannot shard bitsandbytes' packed 4-bit parameters; refuse before touching the device mesh
+    from salsa_lightning.distributed import shard_decoder_layers
+
+    with pytest.raises(SalsaError, match="4-bit .*one GPU"):
+        shard_decoder_layers(fresh_4bit_base(tiny_model_dir), device_mesh=None)

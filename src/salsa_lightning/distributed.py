@@ -67,6 +67,13 @@ def shard_decoder_layers(model: torch.nn.Module, device_mesh: Any, spec: FSDPSpe
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     spec = spec or FSDPSpec()
+    if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
+        from salsa_lightning.errors import SalsaError
+
+        raise SalsaError(
+            "A 4-bit (QLoRA) base cannot be sharded with FSDP2 here; run QLoRA on one GPU (configs/qlora/), or shard "
+            "a bf16 base (`quantization: none`) across GPUs."
+        )
     names = device_mesh.mesh_dim_names or ()
     if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
         from salsa_lightning.errors import SalsaError

@@ -11,8 +11,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from salsa_lightning.data.chat import IGNORE_INDEX
-from salsa_lightning.distributed import FSDPSpec, full_state_dict, shard_decoder_layers, uses_fsdp2
-from salsa_lightning.models.loading import ModelSpec, canonical_model_ref, is_peft_model, load_causal_lm, load_tokenizer
+from salsa_lightning.distributed import FSDPSpec, full_state_dict, is_sharded, shard_decoder_layers, uses_fsdp2
+from salsa_lightning.models.loading import (
+    ModelSpec,
+    canonical_model_ref,
+    is_adapter_dir,
+    is_peft_model,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
 from salsa_lightning.modules.common import (
     OptimSpec,
     configure_adamw,
@@ -21,6 +29,7 @@ from salsa_lightning.modules.common import (
     save_stage_output,
     scalar_metrics,
 )
+from salsa_lightning.soup.sharded import load_sharded_causal_lm
 from salsa_lightning.stage import check_output_dir
 
 
@@ -76,9 +85,17 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         # Built here, not in __init__, so sharding strategies can wrap it as it is created.
         if self.model is None:
-            self.model = load_causal_lm(self.spec, trainable=True)
+            if (
+                uses_fsdp2(self)
+                and self.spec.lora is None
+                and not is_adapter_dir(resolve_model_path(self.spec.name_or_path))
+            ):
+                # full-weight SFT: read straight into shards, so no rank ever holds the whole model
+                self.model = load_sharded_causal_lm(self.spec, self.device_mesh, self.fsdp)
+            else:
+                self.model = load_causal_lm(self.spec, trainable=True)
             self.model.train()  # from_pretrained returns eval mode; dropout (LoRA's too) belongs on in training
-            if uses_fsdp2(self):
+            if uses_fsdp2(self) and not is_sharded(self.model):
                 shard_decoder_layers(self.model, self.device_mesh, self.fsdp)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

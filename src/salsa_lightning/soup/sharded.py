@@ -112,4 +112,18 @@ def load_sharded(
     return model.eval()
 
 
-__all__ = ["load_sharded", "local_rows"]
+def load_sharded_causal_lm(spec: ModelSpec, device_mesh: Any, fsdp: FSDPSpec) -> torch.nn.Module:
+    """A trainable full-weight causal LM read straight into FSDP2 shards (full-weight SFT), with the model's
+    activation checkpointing when `spec.gradient_checkpointing` is set — what `load_causal_lm` gives, sharded."""
+    from transformers import AutoModelForCausalLM
+
+    from salsa_lightning.models.quantization import refuse_full_weights
+
+    refuse_full_weights(spec, f"Fine-tuning {spec.name_or_path} without `lora`")
+    model = load_sharded(AutoModelForCausalLM, [spec.name_or_path], [1.0], spec, device_mesh, fsdp)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.requires_grad_(True)
+
+
+__all__ = ["load_sharded", "load_sharded_causal_lm", "local_rows"]
