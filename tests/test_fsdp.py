@@ -166,9 +166,16 @@ def test_fsdp2_ppo_on_two_processes_matches_one_process(layout, ppo_pipeline, ti
                         "--model.generation.min_new_tokens=6", "--model.optim.lr=1e-3", f"--model.layout={layout}",
                         f"--model.output_dir={tmp_path / out}", reward=reward)  # fmt: skip
 
+    def sharded_args(out: str, *extra: str) -> list[str]:
+        # a sharded (distributed) checkpoint after every update, to resume from
+        return args(out) + ["--data.batch_size=4", "--model.ppo.mini_batch_size=4", "--trainer.devices=2", STRATEGY,
+                            "--trainer.enable_checkpointing=true",
+                            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                            f"--trainer.callbacks.dirpath={tmp_path / (out + '-ckpt')}",
+                            "--trainer.callbacks.filename={epoch}", "--trainer.callbacks.save_top_k=-1", *extra]  # fmt: skip
+
     single = cli_main(args("single") + ["--data.batch_size=8", "--model.ppo.mini_batch_size=8"])
-    torchrun(args("sharded") + ["--data.batch_size=4", "--model.ppo.mini_batch_size=4", "--trainer.devices=2",
-                                STRATEGY], tmp_path)  # fmt: skip
+    torchrun(sharded_args("sharded"), tmp_path)
     reference = [{k: v for k, v in h.items() if not k.startswith("time/")} for h in single.model.history]
     sharded = json.loads((tmp_path / "sharded" / "history.json").read_text())
     assert len(reference) == len(sharded) == 3
@@ -180,3 +187,14 @@ def test_fsdp2_ppo_on_two_processes_matches_one_process(layout, ppo_pipeline, ti
     assert reference[-1]["objective/kl"] != 0  # the policy moved, so agreement is not the trivial one
     name = "model.safetensors" if layout == "full" else "adapter_model.safetensors"
     assert_same_safetensors(tmp_path / "single" / name, tmp_path / "sharded" / name)
+    if layout == "lora":
+        # resume the sharded run from its sharded checkpoint after update 1: the same updates 2 and 3, the same policy
+        ckpt = tmp_path / "sharded-ckpt" / "epoch=0.ckpt"
+        assert (ckpt / ".metadata").is_file()  # a torch distributed checkpoint (a directory of shards)
+        torchrun(sharded_args("resumed", f"--ckpt_path={ckpt}"), tmp_path)
+        resumed = json.loads((tmp_path / "resumed" / "history.json").read_text())
+        assert len(resumed) == 3
+        for got, ref in zip(resumed, sharded, strict=True):
+            for k in keys:
+                assert got[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-8), (k, ref["step"])
+        assert_same_safetensors(tmp_path / "sharded" / name, tmp_path / "resumed" / name)
