@@ -11,7 +11,7 @@ from salsa_lightning.cli import EXTRA_COMMANDS, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # stage-agnostic overlays (strategy + `fsdp:` block, no model class): stacked on every paper stage config
-OVERLAYS = sorted((ROOT / "configs" / "fsdp").glob("fsdp2-*.yaml"))
+OVERLAYS = sorted((ROOT / "configs" / "fsdp").glob("fsdp[12]-*.yaml"))
 STAGE_CONFIGS = sorted(
     p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in {"debug", "ablations"} and p not in OVERLAYS
 )
@@ -69,23 +69,37 @@ def test_ablation_stacks_on_its_stage_config(ablation: Path, capsys):
         assert printed["model"]["init_args"][key] == value, key
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "salsa"])
-def test_fsdp2_overlay_stacks_on_every_stage(overlay: Path, stage: str, capsys):
+# FSDP1 runs the SFT and reward stages; FSDP2 every stage
+OVERLAY_STAGES = [
+    (overlay, stage)
+    for overlay in OVERLAYS
+    for stage in (("sft", "reward") if overlay.name.startswith("fsdp1") else ("sft", "reward", "ppo", "salsa"))
+]
+
+
+@pytest.mark.parametrize(("overlay", "stage"), OVERLAY_STAGES, ids=lambda x: x.name if isinstance(x, Path) else x)
+def test_fsdp_overlay_stacks_on_every_stage(overlay: Path, stage: str, capsys):
+    stage_config = ROOT / f"configs/paper/llama2-7b/{stage}.yaml"
     with pytest.raises(SystemExit):
-        cli_main(["fit", "--config", str(ROOT / f"configs/paper/llama2-7b/{stage}.yaml"), "--config", str(overlay),
-                  "--print_config"])  # fmt: skip
+        cli_main(["fit", "--config", str(stage_config), "--config", str(overlay), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
+    wanted = yaml.safe_load(overlay.read_text())
     strategy = printed["trainer"]["strategy"]
-    assert strategy["class_path"].endswith("ModelParallelStrategy")
-    assert (
-        strategy["init_args"]["data_parallel_size"] == printed["trainer"]["devices"] * printed["trainer"]["num_nodes"]
-    )
-    assert strategy["init_args"]["tensor_parallel_size"] == 1
-    assert printed["model"]["init_args"]["fsdp"] == yaml.safe_load(overlay.read_text())["model"]["init_args"]["fsdp"]
-    # the stage's own model settings survive the overlay
-    stage_cfg = yaml.safe_load((ROOT / f"configs/paper/llama2-7b/{stage}.yaml").read_text())
+    assert strategy["class_path"] == wanted["trainer"]["strategy"]["class_path"]
+    assert wanted["trainer"]["strategy"]["init_args"].items() <= strategy["init_args"].items()
+    if strategy["class_path"].endswith("ModelParallelStrategy"):
+        world = printed["trainer"]["devices"] * printed["trainer"]["num_nodes"]
+        assert strategy["init_args"]["data_parallel_size"] == world
+        assert strategy["init_args"]["tensor_parallel_size"] == 1
+    for key, value in wanted["model"]["init_args"].items():  # the overlay's module settings, merged field by field
+        got = printed["model"]["init_args"][key]
+        assert (value.items() <= got.items()) if isinstance(value, dict) else got == value, key
+    # and the stage's own module and model settings survive the overlay
+    stage_cfg = yaml.safe_load(stage_config.read_text())
     assert printed["model"]["class_path"] == stage_cfg["model"]["class_path"]
+    model = stage_cfg["model"]["init_args"].get("model", {})
+    if "name_or_path" in model:
+        assert printed["model"]["init_args"]["model"]["name_or_path"] == model["name_or_path"]
 
 
 def test_help_lists_every_subcommand(capsys):

@@ -70,7 +70,7 @@ def assert_same_safetensors(a_path: Path, b_path: Path) -> None:
     from safetensors.torch import load_file
 
     manifest = json.loads((b_path.parent / "salsa_manifest.json").read_text())
-    assert manifest["training"] == {"world_size": 2, "fsdp2_sharded": True}
+    assert manifest["training"] == {"world_size": 2, "sharded": True}
 
     a, b = load_file(str(a_path)), load_file(str(b_path))
     assert a.keys() == b.keys()

@@ -69,14 +69,14 @@ def test_refuses_modules_it_cannot_shard_or_save():
 
     with pytest.raises(SalsaError, match="no transformers model"):
         decoder_layer_classes(Plain())
-    with pytest.raises(SalsaError, match="SFT stage only"):  # other stages would write their output from shards
+    with pytest.raises(SalsaError, match="SFT and reward stages"):  # PPO shards with FSDP2
         DecoderLayerFSDPStrategy().configure_wrapping(Plain())
 
 
 def test_config_keeps_the_strategy_and_its_settings(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(ROOT / "configs/paper/llama2-7b/sft.yaml"),
-                  "--config", str(ROOT / "configs/fsdp/sft-fsdp1-1x8.yaml"), "--print_config"])  # fmt: skip
+                  "--config", str(ROOT / "configs/fsdp/fsdp1-1x8.yaml"), "--print_config"])  # fmt: skip
     printed = yaml.safe_load(capsys.readouterr().out)
     strategy = printed["trainer"]["strategy"]
     assert strategy["class_path"] == "salsa_lightning.strategies.DecoderLayerFSDPStrategy"
@@ -160,3 +160,30 @@ def test_fsdp1_sft_on_two_processes_matches_one_process(tiny_model_dir, tmp_path
     # state_dict_type "sharded": the Lightning checkpoint is a folder of per-rank shards plus metadata
     (ckpt,) = (tmp_path / "ckpt").iterdir()
     assert ckpt.is_dir() and (ckpt / "meta.pt").is_file() and (ckpt / ".metadata").is_file()
+
+
+@pytest.mark.distributed
+def test_fsdp1_reward_on_two_processes_matches_one_process(tiny_model_dir, tmp_path):
+    """The reward stage (full weights + new head) under FSDP1: losses, exported model and the training-set reward
+    statistics (a forward outside the training loop, run through the FSDP root) equal the 1-process run's."""
+    from helpers import addition_preferences, reward_args
+    from test_fsdp import assert_same_safetensors, mean_over_ranks, torchrun
+
+    data = str(write_jsonl(tmp_path / "prefs.jsonl", addition_preferences(10)))
+
+    def args(out: str) -> list[str]:
+        return reward_args(str(tiny_model_dir), data, str(tmp_path / out), "--trainer.max_epochs=3",
+                           "--data.val_fraction=0.2", "--trainer.limit_val_batches=0", "--model.optim.lr=5e-3",
+                           "--trainer.enable_progress_bar=false", "--trainer.callbacks+=scale_helpers.LossHistory",
+                           f"--trainer.callbacks.path={tmp_path / out}-loss")  # fmt: skip
+
+    reference = loss_history(cli_main(args("single") + ["--data.batch_size=8"]))
+    strategy = {"class_path": "salsa_lightning.strategies.DecoderLayerFSDPStrategy"}
+    torchrun(args("sharded") + ["--data.batch_size=4", "--trainer.devices=2", f"--trainer.strategy={json.dumps(strategy)}"],
+             tmp_path)  # fmt: skip
+    assert mean_over_ranks(tmp_path / "sharded-loss") == pytest.approx(reference, rel=1e-4)
+    assert reference[-1] < reference[0]
+    assert_same_safetensors(tmp_path / "single" / "model.safetensors", tmp_path / "sharded" / "model.safetensors")
+    single = json.loads((tmp_path / "single" / "salsa_manifest.json").read_text())["reward_stats"]
+    sharded = json.loads((tmp_path / "sharded" / "salsa_manifest.json").read_text())["reward_stats"]
+    assert sharded == pytest.approx(single, rel=1e-4)

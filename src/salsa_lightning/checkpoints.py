@@ -314,7 +314,7 @@ def exported_manifest(stage: str, module, ckpt: LoadedCheckpoint) -> dict[str, A
         "global_step": ckpt.meta.get("global_step"),
         "metrics": metrics,
         # how the weights were trained (save_stage_output would describe this one process instead)
-        "training": {"world_size": ckpt.world_size, "fsdp2_sharded": ckpt.distributed},
+        "training": {"world_size": ckpt.world_size, "sharded": ckpt.distributed},
         "exported_from": {
             "checkpoint": str(ckpt.path.resolve()),
             "kind": "distributed" if ckpt.distributed else "file",

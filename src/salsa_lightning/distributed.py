@@ -189,6 +189,19 @@ def gathered(model: torch.nn.Module, spec: FSDPSpec | None = None):
             unit.set_reshard_after_forward(spec.reshard_after_forward if id(unit) in inner else False, recurse=False)
 
 
+def forward_through_root(module, method: str, *args: Any) -> Any:
+    """`module.<method>(*args)` run inside the forward of the FSDP1 root the strategy wrapped `module` in, as Lightning
+    runs training and validation steps (its forward redirection), so that the root's sharded parameters
+    (embeddings, head) are gathered; outside FSDP1 a plain call."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    trainer = getattr(module, "_trainer", None)
+    root = trainer.model if trainer is not None else None
+    if not isinstance(root, FullyShardedDataParallel):
+        return getattr(module, method)(*args)
+    return trainer.strategy._forward_redirection(root, module, method, *args)  # Lightning's own mechanism
+
+
 def world_size() -> int:
     return (
         torch.distributed.get_world_size()
@@ -200,6 +213,7 @@ def world_size() -> int:
 __all__ = [
     "FSDPSpec",
     "decoder_layers",
+    "forward_through_root",
     "full_state_dict",
     "gathered",
     "is_sharded",

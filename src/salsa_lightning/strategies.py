@@ -115,14 +115,16 @@ class DecoderLayerFSDPStrategy(FSDPStrategy):
         their classes. Runs in `setup`, once `configure_model` has built the models."""
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+        from salsa_lightning.modules.reward import RewardModule
         from salsa_lightning.modules.sft import SFTModule
 
-        # A stage must gather its output through `full_state_dict(model, root=trainer.model)`: under FSDP1 the
-        # module's own parameters are views of this rank's shards. Only SFT does so far; add stages here as they do.
-        if not isinstance(module, SFTModule):
+        # A stage must gather its output through `full_state_dict(model, root=trainer.model)` and run any forward
+        # outside training/validation steps through the root (`forward_through_root`): under FSDP1 the module's own
+        # parameters are views of this rank's shards. SFT and reward do; PPO runs under FSDP2 (ModelParallelStrategy).
+        if not isinstance(module, (SFTModule, RewardModule)):
             raise SalsaError(
-                f"DecoderLayerFSDPStrategy (FSDP1) runs the SFT stage only so far, not {type(module).__name__}, whose "
-                "output would be written from sharded weights; use DDP, or LoRA/QLoRA on one GPU (docs/distributed.md)."
+                f"DecoderLayerFSDPStrategy (FSDP1) runs the SFT and reward stages, not {type(module).__name__}; shard "
+                "PPO with FSDP2 (configs/fsdp/fsdp2-1x8.yaml), or use LoRA/QLoRA on one GPU (docs/distributed.md)."
             )
         models = transformers_models(module)
         classes = decoder_layer_classes(module)

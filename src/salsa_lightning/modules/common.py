@@ -112,8 +112,8 @@ def save_stage_output(
             (tmp / name).write_text(text)
         from salsa_lightning.distributed import world_size
 
-        # how the weights were trained: a sharded model arrives here as its gathered `state_dict`
-        training = {"world_size": world_size(), "fsdp2_sharded": state_dict is not None}
+        # how the weights were trained: a sharded (FSDP1 or FSDP2) model arrives here as its gathered `state_dict`
+        training = {"world_size": world_size(), "sharded": state_dict is not None}
         write_manifest(
             tmp,
             {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": library_versions(), "training": training,

@@ -9,7 +9,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from salsa_lightning.distributed import FSDPSpec, full_state_dict, shard_decoder_layers, uses_fsdp2
+from salsa_lightning.distributed import (
+    FSDPSpec,
+    forward_through_root,
+    full_state_dict,
+    shard_decoder_layers,
+    uses_fsdp2,
+)
 from salsa_lightning.models.loading import ModelSpec, base_model_of, canonical_model_ref, is_peft_model, load_tokenizer
 from salsa_lightning.modules.common import (
     OptimSpec,
@@ -82,6 +88,10 @@ class RewardModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return sequence_scores(self.model, input_ids, attention_mask)
 
+    def score_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`forward` under another name: Lightning's forward redirection (FSDP1) cannot target `forward` itself."""
+        return self(input_ids, attention_mask)
+
     def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rewards = self(batch["input_ids"], batch["attention_mask"])  # (2B,)
         chosen, rejected = rewards.chunk(2)  # (B,), (B,)
@@ -123,7 +133,7 @@ class RewardModule(L.LightningModule):
         loader = self.trainer.datamodule.train_dataloader()
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            r = self(batch["input_ids"], batch["attention_mask"]).double().cpu()
+            r = forward_through_root(self, "score_batch", batch["input_ids"], batch["attention_mask"]).double().cpu()
             total += torch.stack([r.sum(), (r**2).sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
         self.model.train(was_training)
         mean = total[0] / total[2]
@@ -134,7 +144,7 @@ class RewardModule(L.LightningModule):
         if self.output_dir is None:
             return
         stats = self.training_set_reward_stats()
-        state_dict = full_state_dict(self.model)  # sharded: every rank takes part in the gather
+        state_dict = full_state_dict(self.model, root=self.trainer.model)  # sharded: every rank takes part
         if not self.trainer.is_global_zero:
             return
         datamodule = self.trainer.datamodule
