@@ -43,6 +43,94 @@ def local_rows(param: torch.Tensor) -> tuple[int, int]:
     return start, min(start + chunk, param.shape[0])
 
 
+def empty_model(model_cls: Any, path: str, spec: ModelSpec, **config_overrides: Any) -> torch.nn.Module:
+    """`model_cls` built from `path`'s config with its parameters on the meta device (no memory) and its buffers
+    (rotary frequencies, which no checkpoint holds) computed for real; tied weights tied."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code, **config_overrides)
+    kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        model = model_cls.from_config(
+            config, dtype=resolve_dtype(spec.dtype), trust_remote_code=spec.trust_remote_code, **kwargs
+        )
+    model.tie_weights()  # from_config leaves a tied LM head separate (from_pretrained ties while loading)
+    return model
+
+
+def is_on_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+RowReader = Callable[[str, int, int], torch.Tensor | None]
+"""(parameter name, start, stop) -> rows [start, stop) of that parameter's full value, or None if it has none."""
+
+
+def materialize_sharded(
+    model: torch.nn.Module, shard: Callable[[torch.nn.Module], Any], device_type: str, read_rows: RowReader
+) -> torch.nn.Module:
+    """Shard `model` (its parameters on meta, or some real: those are kept), allocate only each rank's shards, and
+    fill every parameter's shard with the rows `read_rows` gives (real parameters not read are copied back)."""
+    from torch.distributed.tensor import DTensor
+
+    kept = {
+        name: t.detach().clone() for name, t in [*model.named_buffers(), *model.named_parameters()] if not t.is_meta
+    }
+    shard(model)
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in kept:
+                buf.copy_(kept[name])
+        for name, param in model.named_parameters():
+            local = param.to_local() if isinstance(param, DTensor) else param
+            if not local.numel():  # more ranks than rows: this rank holds none of the tensor
+                continue
+            start, stop = local_rows(param)
+            rows = read_rows(name, start, stop)
+            if rows is None:
+                if name not in kept:
+                    raise SalsaError(f"No weights for {name}; pass a stage output of the model's kind.")
+                rows = kept[name][start:stop]
+            local.copy_(rows.to(device=local.device, dtype=local.dtype).view(local.shape))
+    return model
+
+
+class CheckpointRows:
+    """Row reads from the safetensors files of full-weight directories, averaged with `weights` (one input: a plain
+    read). `plan` validates that the inputs hold the same tensors (headers only). Use as a context manager."""
+
+    def __init__(self, inputs: Sequence[str], weights: Sequence[float] | None = None):
+        paths = [resolve_model_path(p) for p in inputs]
+        described = [describe_input(p) for p in paths]
+        if any(d.format != "full" for d in described):
+            raise SalsaError(f"Reading into shards needs full-weight directories; got an adapter among {list(inputs)}.")
+        self.plan = plan_full_soup(described)  # same tensors, shapes and architecture in every input
+        self.weights = list(weights or [1.0])
+        self._files = contextlib.ExitStack()
+        self._handles: dict[Any, Any] = {}
+
+    def __enter__(self) -> CheckpointRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._files.close()
+
+    def __call__(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        infos = self.plan.tensors.get(name)
+        if infos is None:
+            return None
+
+        def read(info) -> torch.Tensor:
+            if info.file not in self._handles:
+                self._handles[info.file] = self._files.enter_context(open_safetensors(info.file))
+            return self._handles[info.file].get_slice(name)[start:stop]
+
+        return weighted_sum((read(i) for i in infos), self.weights)
+
+
 def load_sharded(
     model_cls: Any,
     inputs: Sequence[str],
@@ -56,58 +144,23 @@ def load_sharded(
     """`model_cls` (an `AutoModelFor...` class) with the weights `Σ w_i θ_i` of the full-weight directories
     `inputs`, sharded over `device_mesh`. Parameters for which `missing_ok(name)` holds and that no input has
     (a new `score` head) start at zero. Returns the model in eval mode with no parameter requiring grad."""
-    from accelerate import init_empty_weights
-    from torch.distributed.tensor import DTensor
-    from transformers import AutoConfig
+    model = empty_model(model_cls, resolve_model_path(inputs[0]), spec, **config_overrides)
+    with CheckpointRows(inputs, weights) as checkpoint:
+        shapes = {name: p.shape for name, p in model.named_parameters()}
 
-    paths = [resolve_model_path(p) for p in inputs]
-    described = [describe_input(p) for p in paths]
-    if any(d.format != "full" for d in described):
-        raise SalsaError(f"load_sharded reads full-weight directories only; got an adapter among {list(inputs)}.")
-    plan = plan_full_soup(described)  # same tensors, shapes and architecture in every input, from headers only
-    config = AutoConfig.from_pretrained(paths[0], trust_remote_code=spec.trust_remote_code, **config_overrides)
-    kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
-    # parameters on meta; buffers (rotary frequencies) are computed for real, since no checkpoint holds them
-    with init_empty_weights(include_buffers=False):
-        model = model_cls.from_config(
-            config, dtype=resolve_dtype(spec.dtype), trust_remote_code=spec.trust_remote_code, **kwargs
-        )
-    model.tie_weights()  # from_config leaves a tied LM head separate (from_pretrained ties while loading)
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    shard_decoder_layers(model, device_mesh, fsdp)
-    device = (
-        torch.device(device_mesh.device_type, torch.cuda.current_device())
-        if device_mesh.device_type == "cuda"
-        else "cpu"
-    )
-    model.to_empty(device=device)
-    with torch.no_grad(), contextlib.ExitStack() as files:
-        for name, buf in buffers.items():
-            model.get_buffer(name).copy_(buf)
-        handles: dict[Any, Any] = {}
+        def rows_or_zeros(name: str, start: int, stop: int) -> torch.Tensor | None:
+            rows = checkpoint(name, start, stop)
+            if rows is None and missing_ok(name):
+                return torch.zeros((stop - start, *shapes[name][1:]))
+            if rows is None:
+                raise SalsaError(
+                    f"{inputs[0]} has no tensor {name} for a {model_cls.__name__}; pass a stage output of that kind "
+                    "(or load it without FSDP)."
+                )
+            return rows
 
-        def rows(info, tensor: str, start: int, stop: int) -> torch.Tensor:
-            if info.file not in handles:
-                handles[info.file] = files.enter_context(open_safetensors(info.file))
-            sl = handles[info.file].get_slice(tensor)
-            return sl[start:stop]
-
-        for name, param in model.named_parameters():
-            local = param.to_local() if isinstance(param, DTensor) else param
-            infos = plan.tensors.get(name)
-            if infos is None:
-                if not missing_ok(name):
-                    raise SalsaError(
-                        f"{inputs[0]} has no tensor {name} for a {model_cls.__name__}; pass a stage output of that "
-                        "kind (or load it without FSDP)."
-                    )
-                local.zero_()
-                continue
-            if not local.numel():  # more ranks than rows: this rank holds none of the tensor
-                continue
-            start, stop = local_rows(param)
-            souped = weighted_sum((rows(i, name, start, stop) for i in infos), weights, out_dtype=local.dtype)
-            local.copy_(souped.to(local.device).view(local.shape))
+        materialize_sharded(model, lambda m: shard_decoder_layers(m, device_mesh, fsdp), device_mesh.device_type,
+                            rows_or_zeros)  # fmt: skip
     model.requires_grad_(False)
     return model.eval()
 
@@ -126,4 +179,12 @@ def load_sharded_causal_lm(spec: ModelSpec, device_mesh: Any, fsdp: FSDPSpec) ->
     return model.requires_grad_(True)
 
 
-__all__ = ["load_sharded", "load_sharded_causal_lm", "local_rows"]
+__all__ = [
+    "CheckpointRows",
+    "empty_model",
+    "is_on_meta",
+    "load_sharded",
+    "load_sharded_causal_lm",
+    "local_rows",
+    "materialize_sharded",
+]
