@@ -50,13 +50,15 @@ def common_args(model: str, data: str, out: str, history: str) -> list[str]:
                     "--trainer.callbacks+=scale_helpers.LossHistory", f"--trainer.callbacks.path={history}")  # fmt: skip
 
 
-def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> None:
-    """`python -m salsa_lightning ARGS` on `nproc` CPU processes (gloo), as a user launches it with torchrun."""
+def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> str:
+    """`python -m salsa_lightning ARGS` on `nproc` CPU processes (gloo), as a user launches it with torchrun; returns
+    what they printed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     proc = subprocess.run([*cmd, "-m", "salsa_lightning", *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
 
 
 def mean_over_ranks(path_prefix: Path, nproc: int = 2) -> list[float]:
@@ -175,7 +177,9 @@ def test_fsdp2_ppo_on_two_processes_matches_one_process(layout, ppo_pipeline, ti
                             "--trainer.callbacks.filename={epoch}", "--trainer.callbacks.save_top_k=-1", *extra]  # fmt: skip
 
     single = cli_main(args("single") + ["--data.batch_size=8", "--model.ppo.mini_batch_size=8"])
-    torchrun(sharded_args("sharded"), tmp_path)
+    printed = torchrun(sharded_args("sharded"), tmp_path)
+    # the LoRA layout builds its base on the meta device and reads each rank's rows (not a whole base per rank)
+    assert ("read straight into FSDP2 shards" in printed) == (layout == "lora")
     reference = [{k: v for k, v in h.items() if not k.startswith("time/")} for h in single.model.history]
     sharded = json.loads((tmp_path / "sharded" / "history.json").read_text())
     assert len(reference) == len(sharded) == 3

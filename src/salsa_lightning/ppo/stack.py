@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from salsa_lightning.distributed import FSDPSpec, gathered, is_sharded, shard_decoder_layers, shard_module
@@ -31,6 +32,7 @@ from salsa_lightning.models.loading import (
     lora_config_like,
     resolve_model_path,
 )
+from salsa_lightning.models.quantization import is_quantized
 from salsa_lightning.reward.model import load_reward_model, token_scores, unwrap
 from salsa_lightning.rl.sequences import last_token_index
 
@@ -203,7 +205,17 @@ class LoraStack(nn.Module):
     layout = "lora"
     fsdp: FSDPSpec | None = None  # set by `shard`
 
-    def __init__(self, spec: ModelSpec, policy_init: str, anchors: dict[str, str], reward: str | None, value_head: str):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        policy_init: str,
+        anchors: dict[str, str],
+        reward: str | None,
+        value_head: str,
+        sharding: tuple[Any, FSDPSpec] | None = None,
+    ):
+        """`sharding` (FSDP2, bf16/fp32 base): the base is built on the meta device and `shard` reads only each
+        rank's rows of the base checkpoint and of every adapter, so no rank holds the whole base."""
         super().__init__()
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -230,16 +242,26 @@ class LoraStack(nn.Module):
                 f"The LoRA layout needs one shared base, but the adapters sit on different bases: {bases}; "
                 "train every stage from the same base model."
             )
-        base = _from_pretrained(AutoModelForCausalLM, adapter_base(resolve_model_path(policy_init)), spec)
+        self.base_path = adapter_base(resolve_model_path(policy_init))
+        # the full weights of every adapter, in PEFT's file naming: what `shard` reads rows from (meta base)
+        self.adapter_weights: dict[str, dict[str, torch.Tensor]] = {}
+        if sharding is not None and not is_quantized(spec):
+            from salsa_lightning.soup.sharded import empty_model
+
+            base = empty_model(AutoModelForCausalLM, resolve_model_path(self.base_path), spec)
+        else:
+            base = _from_pretrained(AutoModelForCausalLM, self.base_path, spec)
         base.requires_grad_(False)
         self.model = PeftModel.from_pretrained(
             base, resolve_model_path(policy_init), adapter_name="policy", is_trainable=True
         )
+        self._record("policy", policy_init)
         for name, path in anchors.items():
             if isinstance(path, InMemorySoup):
                 self._add_soup_adapter(name, path)
             else:
                 self.model.load_adapter(resolve_model_path(path), adapter_name=name, is_trainable=False)
+                self._record(name, path)
         hidden = base.config.hidden_size
         self.reward_head = nn.Linear(hidden, 1, bias=False).requires_grad_(False)
         self.value_head = nn.Linear(hidden, 1, bias=False)
@@ -248,6 +270,7 @@ class LoraStack(nn.Module):
             self._add_scoring_adapter("value", reward, self.value_head)
         else:  # programmatic reward: the critic starts from the policy's adapter with a zero head
             self.model.load_adapter(resolve_model_path(policy_init), adapter_name="value", is_trainable=True)
+            self._record("value", policy_init)
         if value_head == "reinit" or reward is None:
             nn.init.zeros_(self.value_head.weight)
         self.value_head.requires_grad_(True)
@@ -262,6 +285,7 @@ class LoraStack(nn.Module):
 
         souped = soup_lora_adapters([load_lora_adapter(resolve_model_path(p)) for p in soup.inputs], soup.weights)
         self.model.add_adapter(name, souped.peft_config())
+        self.adapter_weights[name] = souped.state_dict
         result = set_peft_model_state_dict(self.model, souped.state_dict, adapter_name=name)
         if result.unexpected_keys:
             raise SalsaError(
@@ -281,11 +305,17 @@ class LoraStack(nn.Module):
         if len(score) != 1:
             raise SalsaError(f"{path} holds no reward head (`score.weight`); pass a reward stage output.")
         head.weight.data.copy_(weights.pop(score[0]).to(head.weight.dtype))
+        self.adapter_weights[name] = weights
         result = set_peft_model_state_dict(self.model, weights, adapter_name=name)
         if result.unexpected_keys:
             raise SalsaError(
                 f"The reward adapter {path} does not fit the policy's base model; retrain it on that base."
             )
+
+    def _record(self, name: str, path: str) -> None:
+        from safetensors.torch import load_file
+
+        self.adapter_weights[name] = load_file(str(Path(resolve_model_path(path)) / "adapter_model.safetensors"))
 
     def _set_flags(self) -> None:
         # PEFT's set_adapter makes only the active adapter trainable; PPO trains two at once.
@@ -327,7 +357,27 @@ class LoraStack(nn.Module):
         """FSDP2: the shared base (with every adapter) sharded per decoder layer; its root is the transformers model
         inside the PEFT wrapper, whose forward both `model(...)` and `model.generate(...)` reach. The heads are
         sharded on their own."""
-        shard_decoder_layers(unwrap(self.model), device_mesh, spec)
+        from salsa_lightning.soup.sharded import CheckpointRows, is_on_meta, materialize_sharded
+
+        if is_on_meta(self.model):
+            with CheckpointRows([self.base_path]) as base_rows:
+
+                def read_rows(name: str, start: int, stop: int) -> torch.Tensor | None:
+                    parts = name.split(".")
+                    lora = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
+                    if lora is None:  # a base weight: its name in the base checkpoint
+                        key = ".".join(p for p in parts if p != "base_layer").removeprefix("base_model.model.")
+                        return base_rows(key, start, stop)
+                    adapter, key = parts[lora + 1], ".".join(parts[: lora + 1] + parts[lora + 2 :])
+                    return self.adapter_weights[adapter][key][start:stop]
+
+                materialize_sharded(self.model, lambda m: shard_decoder_layers(unwrap(m), device_mesh, spec),
+                                    device_mesh.device_type, read_rows)  # fmt: skip
+            self._set_flags()
+            rank_zero_info("LoRA layout: the base and every adapter were read straight into FSDP2 shards.")
+        else:
+            shard_decoder_layers(unwrap(self.model), device_mesh, spec)
+        self.adapter_weights = {}
         shard_module(self.reward_head, device_mesh, spec)
         shard_module(self.value_head, device_mesh, spec)
         self.fsdp = spec
@@ -352,4 +402,4 @@ def build_stack(
 
         refuse_full_weights(spec, "PPO's full layout (separate full-weight models)")
         return FullStack(spec, policy_init, anchors, reward, value_head, sharding)
-    return LoraStack(spec, policy_init, anchors, reward, value_head)
+    return LoraStack(spec, policy_init, anchors, reward, value_head, sharding)
