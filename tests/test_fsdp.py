@@ -6,6 +6,7 @@ for step, and export the same HF-format weights."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -202,3 +203,48 @@ def test_fsdp2_ppo_on_two_processes_matches_one_process(layout, ppo_pipeline, ti
             for k in keys:
                 assert got[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-8), (k, ref["step"])
         assert_same_safetensors(tmp_path / "sharded" / name, tmp_path / "resumed" / name)
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", ["sft", "salsa-lora", "salsa-full-seeds"])
+def test_fsdp2_on_one_gpu_in_bf16(stage, tiny_model_dir, ppo_pipeline, tmp_path):
+    """The CUDA path (NCCL, weights read into shards on the GPU, bf16): one process on the one GPU a machine may
+    lend; its first loss matches an unsharded bf16 run on the same GPU, training moves it, the output is written."""
+    gpu = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-true"]
+    one_rank = (
+        '--trainer.strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", '
+        '"init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1}}'
+    )
+    if stage == "sft":
+        data = str(write_jsonl(tmp_path / "sft.jsonl", equal_length_conversations()))
+        args = lambda out: common_args(str(tiny_model_dir), data, str(tmp_path / out), str(tmp_path / f"{out}-loss"))  # noqa: E731
+        reference = loss_history(cli_main(args("single") + ["--data.batch_size=8", *gpu]))
+        torchrun(args("sharded") + ["--data.batch_size=8", *gpu, one_rank], tmp_path, nproc=1)
+        sharded = mean_over_ranks(tmp_path / "sharded-loss", nproc=1)
+        weights = "model.safetensors"
+    else:
+        prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                              [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(8, seed=4)])  # fmt: skip
+        policy, extra = str(ppo_pipeline / "sft1"), [f"--model.soup={ppo_pipeline / 'soup'}"]
+        if stage == "salsa-full-seeds":
+            policy = str(tiny_model_dir)
+            extra = [f"--model.soup_inputs=[{policy},{perturbed_copy(tiny_model_dir, tmp_path / 'seed2')}]"]
+
+        def args(out: str) -> list[str]:
+            return ppo_args(policy, str(prompts), *extra, "--model.anchor=soup", "--trainer.max_epochs=3",
+                            "--model.generation.do_sample=false", "--model.generation.max_new_tokens=6",
+                            "--model.generation.min_new_tokens=6", "--model.optim.lr=1e-3", *gpu,
+                            f"--model.output_dir={tmp_path / out}", reward=str(ppo_pipeline / "rm"))  # fmt: skip
+
+        reference = [h["objective/rlhf_reward"] for h in cli_main(args("single")).model.history]
+        torchrun(args("sharded") + [one_rank], tmp_path, nproc=1)
+        history = json.loads((tmp_path / "sharded" / "history.json").read_text())
+        sharded = [h["objective/rlhf_reward"] for h in history]
+        assert history[-1]["objective/kl"] != 0  # the policy moved
+        weights = "model.safetensors" if stage.endswith("full-seeds") else "adapter_model.safetensors"
+    assert sharded[0] == pytest.approx(reference[0], rel=2e-2)  # before any update: the same model, bf16 noise
+    assert all(math.isfinite(x) for x in sharded)
+    manifest = json.loads((tmp_path / "sharded" / "salsa_manifest.json").read_text())
+    assert manifest["training"] == {"world_size": 1, "sharded": True}
+    assert (tmp_path / "sharded" / weights).is_file()
