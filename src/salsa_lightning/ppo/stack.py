@@ -245,7 +245,8 @@ class LoraStack(nn.Module):
         self.base_path = adapter_base(resolve_model_path(policy_init))
         # the full weights of every adapter, in PEFT's file naming: what `shard` reads rows from (meta base)
         self.adapter_weights: dict[str, dict[str, torch.Tensor]] = {}
-        if sharding is not None and not is_quantized(spec):
+        self.on_meta = sharding is not None and not is_quantized(spec)
+        if self.on_meta:
             from salsa_lightning.soup.sharded import empty_model
 
             base = empty_model(AutoModelForCausalLM, resolve_model_path(self.base_path), spec)
@@ -285,7 +286,8 @@ class LoraStack(nn.Module):
 
         souped = soup_lora_adapters([load_lora_adapter(resolve_model_path(p)) for p in soup.inputs], soup.weights)
         self.model.add_adapter(name, souped.peft_config())
-        self.adapter_weights[name] = souped.state_dict
+        if self.on_meta:
+            self.adapter_weights[name] = souped.state_dict
         result = set_peft_model_state_dict(self.model, souped.state_dict, adapter_name=name)
         if result.unexpected_keys:
             raise SalsaError(
@@ -305,7 +307,8 @@ class LoraStack(nn.Module):
         if len(score) != 1:
             raise SalsaError(f"{path} holds no reward head (`score.weight`); pass a reward stage output.")
         head.weight.data.copy_(weights.pop(score[0]).to(head.weight.dtype))
-        self.adapter_weights[name] = weights
+        if self.on_meta:
+            self.adapter_weights[name] = weights
         result = set_peft_model_state_dict(self.model, weights, adapter_name=name)
         if result.unexpected_keys:
             raise SalsaError(
@@ -313,9 +316,11 @@ class LoraStack(nn.Module):
             )
 
     def _record(self, name: str, path: str) -> None:
+        """Keep an adapter's full weights until `shard` has read this rank's rows (a meta base only)."""
         from safetensors.torch import load_file
 
-        self.adapter_weights[name] = load_file(str(Path(resolve_model_path(path)) / "adapter_model.safetensors"))
+        if self.on_meta:
+            self.adapter_weights[name] = load_file(str(Path(resolve_model_path(path)) / "adapter_model.safetensors"))
 
     def _set_flags(self) -> None:
         # PEFT's set_adapter makes only the active adapter trainable; PPO trains two at once.
