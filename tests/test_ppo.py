@@ -68,6 +68,11 @@ def test_layouts_give_the_same_numbers(pipeline):
         )
         torch.testing.assert_close(full.reward_scores(ids, mask), lora.reward_scores(ids, mask), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(full.values(ids, mask, pos), lora.values(ids, mask, pos), atol=1e-4, rtol=1e-4)
+        # only the last `keep` positions' logits are computed (the response's): the same numbers as slicing all
+        for stack in (full, lora):
+            whole = stack.policy_logits(ids, mask, pos)
+            torch.testing.assert_close(stack.policy_logits(ids, mask, pos, keep=5), whole[:, -5:])
+            assert stack.anchor_logits("soup", ids, mask, pos, keep=5).shape[1] == 5
     # only the policy and the critic train in the LoRA layout; the base and the other adapters are frozen
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert trainable and all(".policy." in n or ".value." in n or n.startswith("value_head") for n in trainable)

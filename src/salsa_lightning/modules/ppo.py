@@ -332,12 +332,14 @@ class PPOModule(L.LightningModule):
 
         t0 = time.perf_counter()
         ids, mask, pos = self._forward_inputs(prompt_ids, prompt_mask, response, resp_mask)
-        logits = self.stack.policy_logits(ids, mask, pos)
+        keep = response.shape[1] + 1  # the positions that predict the response (and one spare the slicing drops)
+        logits = self.stack.policy_logits(ids, mask, pos, keep)
         logp = self._logprobs(logits, response)  # (B, R)
         entropy = rl.entropy_from_logits(rl.response_logits(logits, response.shape[1]), self.gen.temperature)
         del logits
         anchor_logp = {
-            name: self._logprobs(self.stack.anchor_logits(name, ids, mask, pos), response) for name in self.anchor_paths
+            name: self._logprobs(self.stack.anchor_logits(name, ids, mask, pos, keep), response)
+            for name in self.anchor_paths
         }
         values = rl.response_logits(self.stack.values(ids, mask, pos), response.shape[1])  # (B, R)
         timings["time/forward"] = time.perf_counter() - t0
@@ -437,7 +439,9 @@ class PPOModule(L.LightningModule):
                 idx = order[start : start + mb]
                 mb_ids, mb_mask, mb_pos = roll["ids"][idx], roll["mask"][idx], roll["pos"][idx]
                 mb_response, mb_resp_mask = roll["response"][idx], roll["resp_mask"][idx]
-                new_logp = self._logprobs(self.stack.policy_logits(mb_ids, mb_mask, mb_pos), mb_response)
+                new_logp = self._logprobs(
+                    self.stack.policy_logits(mb_ids, mb_mask, mb_pos, mb_response.shape[1] + 1), mb_response
+                )
                 pg = rl.policy_loss(
                     new_logp, roll["logp"][idx], roll["advantages"][idx], mb_resp_mask, self.ppo.cliprange
                 )

@@ -160,11 +160,15 @@ class FullStack(nn.Module):
         with _generation_context(self.policy, self.fsdp):
             return self.policy.generate(**kwargs)
 
-    def policy_logits(self, ids, mask, pos) -> torch.Tensor:
-        return self.policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    def policy_logits(self, ids, mask, pos, keep: int = 0) -> torch.Tensor:
+        """Logits of the last `keep` positions (0 = all): PPO needs only the response's, and the vocabulary
+        projection of the prompt would be the largest tensor of the step."""
+        return self.policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                           logits_to_keep=keep).logits  # fmt: skip
 
-    def anchor_logits(self, name: str, ids, mask, pos) -> torch.Tensor:
-        return self.anchors[name](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    def anchor_logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:
+        return self.anchors[name](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                  logits_to_keep=keep).logits  # fmt: skip
 
     def reward_scores(self, ids, mask) -> torch.Tensor:
         scores = token_scores(self.reward, ids, mask, _positions(mask))  # (B, L)
@@ -337,13 +341,16 @@ class LoraStack(nn.Module):
         with _generation_context(unwrap(self.model), self.fsdp):
             return self.model.generate(**kwargs)
 
-    def policy_logits(self, ids, mask, pos) -> torch.Tensor:
+    def policy_logits(self, ids, mask, pos, keep: int = 0) -> torch.Tensor:
+        """Logits of the last `keep` positions (0 = all), as `FullStack.policy_logits`."""
         self._use("policy")
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                          logits_to_keep=keep).logits  # fmt: skip
 
-    def anchor_logits(self, name: str, ids, mask, pos) -> torch.Tensor:
+    def anchor_logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:
         self._use(name)
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                          logits_to_keep=keep).logits  # fmt: skip
 
     def reward_scores(self, ids, mask) -> torch.Tensor:
         self._use("reward")
