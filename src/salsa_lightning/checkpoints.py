@@ -300,40 +300,24 @@ def load_weights(module, ckpt: LoadedCheckpoint) -> None:
 
 
 def exported_manifest(stage: str, module, ckpt: LoadedCheckpoint) -> dict[str, Any]:
-    """The manifest the stage writes at the end of `fit` (modules/sft.py, modules/reward.py), from the checkpoint,
-    plus where it came from. Orchestration repeated from the stages; tests compare the keys."""
+    """The manifest the stage writes at the end of `fit` (its module's `stage_manifest`), from the checkpoint, plus
+    where it came from."""
     from salsa_lightning.cli import CHECKPOINT_KEY
-    from salsa_lightning.models.loading import base_model_of, canonical_model_ref, is_peft_model
 
     extra = ckpt.meta.get(CHECKPOINT_KEY) or {}
-    metrics = extra.get("metrics") or {}
-    manifest: dict[str, Any] = {
-        "stage": stage,
-        "format": "lora" if is_peft_model(module.model) else "full",
-        "seed": extra.get("seed"),
-        "global_step": ckpt.meta.get("global_step"),
-        "metrics": metrics,
+    manifest = module.stage_manifest(extra.get("seed"), ckpt.meta.get("global_step"), extra.get("metrics") or {})
+    manifest.update(
         # how the weights were trained (save_stage_output would describe this one process instead)
-        "training": {"world_size": ckpt.world_size, "sharded": ckpt.distributed},
-        "exported_from": {
+        training={"world_size": ckpt.world_size, "sharded": ckpt.distributed},
+        exported_from={
             "checkpoint": str(ckpt.path.resolve()),
             "kind": "distributed" if ckpt.distributed else "file",
             "epoch": ckpt.meta.get("epoch"),
             "global_step": ckpt.meta.get("global_step"),
         },
-    }
-    name = module.spec.name_or_path
-    if stage == "sft":
-        manifest["base_model"] = canonical_model_ref(name)
-    else:
-        manifest.update(
-            base_model=base_model_of(name),
-            init_from=canonical_model_ref(name),
-            val_accuracy=float(metrics.get("val/accuracy", float("nan"))),
-            reward_stats=None,
-            reward_stats_note=REWARD_STATS_NOTE,
-            data_counts={},
-        )
+    )
+    if stage == "reward":
+        manifest.update(reward_stats=None, reward_stats_note=REWARD_STATS_NOTE, data_counts={})
     return manifest
 
 

@@ -140,6 +140,20 @@ class RewardModule(L.LightningModule):
         var = (total[1] / total[2] - mean**2).clamp(min=0) * total[2] / (total[2] - 1).clamp(min=1)
         return {"mean": float(mean), "std": float(var.sqrt()), "count": int(total[2])}
 
+    def stage_manifest(self, seed: int | None, global_step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """What the stage output's manifest says about this stage (also written by `export` from a checkpoint);
+        `on_fit_end` adds the training-set reward statistics and data counts."""
+        return {
+            "stage": "reward",
+            "format": "lora" if is_peft_model(self.model) else "full",
+            "base_model": base_model_of(self.spec.name_or_path),
+            "init_from": canonical_model_ref(self.spec.name_or_path),
+            "seed": seed,
+            "global_step": global_step,
+            "metrics": metrics,
+            "val_accuracy": float(metrics.get("val/accuracy", float("nan"))),
+        }
+
     def on_fit_end(self) -> None:
         if self.output_dir is None:
             return
@@ -148,18 +162,10 @@ class RewardModule(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         datamodule = self.trainer.datamodule
-        manifest = {
-            "stage": "reward",
-            "format": "lora" if is_peft_model(self.model) else "full",
-            "base_model": base_model_of(self.spec.name_or_path),
-            "init_from": canonical_model_ref(self.spec.name_or_path),
-            "seed": current_seed(),
-            "global_step": self.trainer.global_step,
-            "metrics": scalar_metrics(self.trainer.callback_metrics),
-            "val_accuracy": float(self.trainer.callback_metrics.get("val/accuracy", float("nan"))),
-            "reward_stats": stats,
-            "data_counts": getattr(datamodule, "counts", {}),
-        }
+        manifest = self.stage_manifest(
+            current_seed(), self.trainer.global_step, scalar_metrics(self.trainer.callback_metrics)
+        )
+        manifest.update(reward_stats=stats, data_counts=getattr(datamodule, "counts", {}))
         path = save_stage_output(
             self.output_dir, self.model, self.tokenizer, manifest, self.resolved_config, self.overwrite,
             state_dict=state_dict,

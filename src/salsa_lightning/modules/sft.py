@@ -129,6 +129,17 @@ class SFTModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_adamw(self, self.optim)
 
+    def stage_manifest(self, seed: int | None, global_step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """What the stage output's manifest says about this stage (also written by `export` from a checkpoint)."""
+        return {
+            "stage": "sft",
+            "format": "lora" if is_peft_model(self.model) else "full",
+            "base_model": canonical_model_ref(self.spec.name_or_path),
+            "seed": seed,
+            "global_step": global_step,
+            "metrics": metrics,
+        }
+
     def on_fit_end(self) -> None:
         if self.output_dir is None:
             return
@@ -136,14 +147,9 @@ class SFTModule(L.LightningModule):
         state_dict = full_state_dict(self.model, root=self.trainer.model)
         if not self.trainer.is_global_zero:
             return
-        manifest = {
-            "stage": "sft",
-            "format": "lora" if is_peft_model(self.model) else "full",
-            "base_model": canonical_model_ref(self.spec.name_or_path),
-            "seed": current_seed(),
-            "global_step": self.trainer.global_step,
-            "metrics": scalar_metrics(self.trainer.callback_metrics),
-        }
+        manifest = self.stage_manifest(
+            current_seed(), self.trainer.global_step, scalar_metrics(self.trainer.callback_metrics)
+        )
         path = save_stage_output(
             self.output_dir, self.model, self.tokenizer, manifest, self.resolved_config, self.overwrite,
             state_dict=state_dict,
