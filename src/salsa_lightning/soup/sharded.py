@@ -27,9 +27,17 @@ from salsa_lightning.soup.inputs import describe_input
 from salsa_lightning.soup.streaming import open_safetensors
 
 
+def shard_rows(n_rows: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of dim 0 that `rank` of `world` holds when FSDP2 shards `n_rows` rows: like `torch.chunk`,
+    ceil(n / world) rows per rank, the last ranks possibly fewer or none (FSDP2 pads them internally)."""
+    chunk = math.ceil(n_rows / world)
+    start = min(rank * chunk, n_rows)
+    return start, min(start + chunk, n_rows)
+
+
 def local_rows(param: torch.Tensor) -> tuple[int, int]:
-    """[start, stop) of dim 0 that this rank's shard of `param` holds. FSDP2 shards dim 0 like `torch.chunk`:
-    ceil(n / world) rows per rank, the last ranks possibly fewer or none."""
+    """[start, stop) of dim 0 that this rank's shard of `param` (a DTensor sharded on dim 0, or a plain tensor:
+    all rows) holds."""
     from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(param, DTensor):
@@ -37,10 +45,7 @@ def local_rows(param: torch.Tensor) -> tuple[int, int]:
     if len(param.placements) != 1 or param.placements[0] != Shard(0):
         raise SalsaError(f"Expected a tensor sharded on dim 0 over one mesh axis, got {param.placements}.")
     mesh = param.device_mesh
-    n, rank = mesh.size(), mesh.get_local_rank()
-    chunk = math.ceil(param.shape[0] / n)
-    start = min(rank * chunk, param.shape[0])
-    return start, min(start + chunk, param.shape[0])
+    return shard_rows(param.shape[0], mesh.size(), mesh.get_local_rank())
 
 
 def empty_model(model_cls: Any, path: str, spec: ModelSpec, **config_overrides: Any) -> torch.nn.Module:
@@ -186,5 +191,6 @@ __all__ = [
     "load_sharded",
     "load_sharded_causal_lm",
     "local_rows",
+    "shard_rows",
     "materialize_sharded",
 ]
