@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import torch
 
+from salsa_lightning.errors import SalsaError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,8 +53,6 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(inner, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        from salsa_lightning.errors import SalsaError
-
         raise SalsaError(
             f"Cannot find the decoder layers of {type(inner).__name__} to shard (no `_no_split_modules`); "
             "use a transformers model, or the single-device / DDP strategies."
@@ -60,37 +60,39 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_decoder_layers(model: torch.nn.Module, device_mesh: Any, spec: FSDPSpec | None = None) -> torch.nn.Module:
-    """`fully_shard` each decoder layer, then the whole model (embeddings, final norm, heads), over `device_mesh`
-    (Lightning's data-parallel mesh). Activation checkpointing stays the model's own (`gradient_checkpointing`),
-    which recomputes inside each sharded layer."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+def _fsdp_kwargs(device_mesh: Any, spec: FSDPSpec) -> dict[str, Any]:
+    """`fully_shard`'s mesh (the data-parallel axis) and mixed-precision policy, for every unit the stages shard."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    spec = spec or FSDPSpec()
-    if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
-        from salsa_lightning.errors import SalsaError
-
-        raise SalsaError(
-            "A 4-bit (QLoRA) base cannot be sharded with FSDP2 here; run QLoRA on one GPU (configs/qlora/), or shard "
-            "a bf16 base (`quantization: none`) across GPUs."
-        )
     names = device_mesh.mesh_dim_names or ()
     if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
-        from salsa_lightning.errors import SalsaError
-
         # ModelParallelStrategy's "auto" puts every GPU of a node on the tensor-parallel axis; we shard with FSDP only
         raise SalsaError(
             f"The device mesh has tensor_parallel_size={device_mesh['tensor_parallel'].size()}, but the stages shard "
             "with FSDP only; set the strategy's `data_parallel_size` to the number of processes and "
             "`tensor_parallel_size: 1` (see configs/fsdp/)."
         )
-    mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
-    kwargs: dict[str, Any] = {
-        "mesh": mesh,
+    return {
+        "mesh": device_mesh["data_parallel"] if "data_parallel" in names else device_mesh,
         "mp_policy": MixedPrecisionPolicy(
             param_dtype=DTYPES.get(spec.param_dtype), reduce_dtype=DTYPES.get(spec.reduce_dtype)
         ),
     }
+
+
+def shard_decoder_layers(model: torch.nn.Module, device_mesh: Any, spec: FSDPSpec | None = None) -> torch.nn.Module:
+    """`fully_shard` each decoder layer, then the whole model (embeddings, final norm, heads), over `device_mesh`
+    (Lightning's data-parallel mesh). Activation checkpointing stays the model's own (`gradient_checkpointing`),
+    which recomputes inside each sharded layer."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    spec = spec or FSDPSpec()
+    if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
+        raise SalsaError(
+            "A 4-bit (QLoRA) base cannot be sharded with FSDP2 here; run QLoRA on one GPU (configs/qlora/), or shard "
+            "a bf16 base (`quantization: none`) across GPUs."
+        )
+    kwargs: dict[str, Any] = _fsdp_kwargs(device_mesh, spec)
     if spec.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
@@ -159,13 +161,9 @@ def uses_fsdp2(module) -> bool:
 def shard_module(module: torch.nn.Module, device_mesh: Any, spec: FSDPSpec | None = None) -> torch.nn.Module:
     """`fully_shard` a small module on its own (a linear head outside any transformers model): its gradients are
     then reduced across ranks like every other parameter's, and gradient clipping sees one kind of tensor."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    spec = spec or FSDPSpec()
-    names = device_mesh.mesh_dim_names or ()
-    mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES.get(spec.param_dtype), reduce_dtype=DTYPES.get(spec.reduce_dtype))
-    return fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    return fully_shard(module, reshard_after_forward=False, **_fsdp_kwargs(device_mesh, spec or FSDPSpec()))
 
 
 @contextmanager

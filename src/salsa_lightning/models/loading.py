@@ -258,13 +258,19 @@ def load_causal_lm(spec: ModelSpec | str, trainable: bool = True):
         if spec.lora is not None:
             model = get_peft_model(model, lora_config(spec.lora))
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_gradient_checkpointing(model)
     if not trainable:
         model.requires_grad_(False)
         model.eval()
     return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """The model's own activation checkpointing (non-reentrant), with inputs that require grad so that a frozen
+    base's checkpointed layers still pass gradients to the adapters inside them."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
 
 
 def is_peft_model(model) -> bool:

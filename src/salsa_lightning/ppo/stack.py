@@ -27,6 +27,7 @@ from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import (
     ModelSpec,
     adapter_base,
+    enable_gradient_checkpointing,
     is_adapter_dir,
     load_causal_lm,
     lora_config_like,
@@ -119,7 +120,7 @@ class FullStack(nn.Module):
         self.value = self._reward_model(reward or policy_init, spec, pad).requires_grad_(True)
         if spec.gradient_checkpointing and sharding is not None:
             for model in (self.policy, self.value):
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_gradient_checkpointing(model)
         if value_head == "reinit" or reward is None:
             nn.init.zeros_(unwrap(self.value).score.weight)
 

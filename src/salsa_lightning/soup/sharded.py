@@ -21,7 +21,7 @@ import torch
 
 from salsa_lightning.distributed import FSDPSpec, shard_decoder_layers
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models.loading import ModelSpec, resolve_dtype, resolve_model_path
+from salsa_lightning.models.loading import ModelSpec, enable_gradient_checkpointing, resolve_dtype, resolve_model_path
 from salsa_lightning.soup.full import plan_full_soup, weighted_sum
 from salsa_lightning.soup.inputs import describe_input
 from salsa_lightning.soup.streaming import open_safetensors
@@ -180,7 +180,7 @@ def load_sharded_causal_lm(spec: ModelSpec, device_mesh: Any, fsdp: FSDPSpec) ->
     refuse_full_weights(spec, f"Fine-tuning {spec.name_or_path} without `lora`")
     model = load_sharded(AutoModelForCausalLM, [spec.name_or_path], [1.0], spec, device_mesh, fsdp)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     return model.requires_grad_(True)
 
 
