@@ -184,3 +184,24 @@ def test_tokenizer_without_pad_gets_one(tmp_path, pref_data):
     with pytest.warns(UserWarning, match="no pad token"):
         loaded = load_tokenizer(str(tmp_path / "m"))
     assert loaded.pad_token == loaded.eos_token
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_setting_is_applied(tiny_model_dir, lora_sft_dir, lora):
+    # the paper's reward configs ask for it (7B activations); it used to be ignored by the reward loader
+    from salsa_lightning.models.loading import LoraSpec, ModelSpec
+    from salsa_lightning.reward.model import load_reward_model, unwrap
+
+    spec = ModelSpec(str(lora_sft_dir if lora else tiny_model_dir), gradient_checkpointing=True,
+                     lora=LoraSpec(r=4) if lora else None)  # fmt: skip
+    model = load_reward_model(spec, trainable=True, pad_token_id=0)
+    assert unwrap(model).is_activation_checkpointing
+    off = load_reward_model(ModelSpec(str(tiny_model_dir)), trainable=True, pad_token_id=0)
+    assert not unwrap(off).is_activation_checkpointing
+    # and it still trains: a backward through the checkpointed layers reaches the trainable weights
+    ids = torch.randint(3, 100, (2, 9))
+    from salsa_lightning.reward.model import sequence_scores
+
+    model.train()
+    sequence_scores(model, ids, torch.ones_like(ids)).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "layers" in n)

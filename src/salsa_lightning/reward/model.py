@@ -16,6 +16,7 @@ from salsa_lightning.models.loading import (
     ModelSpec,
     _from_pretrained,
     adapter_base,
+    enable_gradient_checkpointing,
     is_adapter_dir,
     lora_config,
     lora_config_like,
@@ -112,6 +113,8 @@ def load_reward_model(spec: ModelSpec, trainable: bool = True, pad_token_id: int
             model = get_peft_model(model, lora_config(spec.lora, task_type="SEQ_CLS", modules_to_save=["score"]))
     if not hasattr(unwrap(model), "score"):
         raise SalsaError(f"{spec.name_or_path}: this architecture has no `score` head for sequence classification.")
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if not trainable:
         model.requires_grad_(False)
         model.eval()
