@@ -27,6 +27,7 @@ from salsa_lightning.modules.common import (
 )
 from salsa_lightning.reward.losses import bradley_terry_loss, pairwise_stats
 from salsa_lightning.reward.model import load_reward_model, sequence_scores
+from salsa_lightning.rl.masked import masked_moments, mean_var_from_moments
 from salsa_lightning.stage import check_output_dir
 
 REWARD_DEFAULT_OPTIM = OptimSpec(lr=2e-5, weight_decay=0.001, warmup_ratio=0.0, schedule="linear")
@@ -129,16 +130,15 @@ class RewardModule(L.LightningModule):
         """
         was_training = self.model.training
         self.model.eval()
-        total = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count
+        moments = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares (rl.masked_moments)
         loader = self.trainer.datamodule.train_dataloader()
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            r = forward_through_root(self, "score_batch", batch["input_ids"], batch["attention_mask"]).double().cpu()
-            total += torch.stack([r.sum(), (r**2).sum(), torch.tensor(float(r.numel()), dtype=torch.float64)])
+            r = forward_through_root(self, "score_batch", batch["input_ids"], batch["attention_mask"]).cpu()
+            moments += masked_moments(r, torch.ones_like(r, dtype=torch.bool))
         self.model.train(was_training)
-        mean = total[0] / total[2]
-        var = (total[1] / total[2] - mean**2).clamp(min=0) * total[2] / (total[2] - 1).clamp(min=1)
-        return {"mean": float(mean), "std": float(var.sqrt()), "count": int(total[2])}
+        mean, var = mean_var_from_moments(moments, unbiased=True)
+        return {"mean": float(mean), "std": float(var.sqrt()), "count": int(moments[0])}
 
     def stage_manifest(self, seed: int | None, global_step: int, metrics: dict[str, float]) -> dict[str, Any]:
         """What the stage output's manifest says about this stage (also written by `export` from a checkpoint);

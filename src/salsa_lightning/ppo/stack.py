@@ -34,7 +34,7 @@ from salsa_lightning.models.loading import (
     resolve_model_path,
 )
 from salsa_lightning.models.quantization import is_quantized
-from salsa_lightning.reward.model import load_reward_model, token_scores, unwrap
+from salsa_lightning.reward.model import load_reward_model, sequence_scores, token_scores, unwrap
 from salsa_lightning.rl.sequences import last_token_index
 
 
@@ -172,8 +172,7 @@ class FullStack(nn.Module):
                                   logits_to_keep=keep).logits  # fmt: skip
 
     def reward_scores(self, ids, mask) -> torch.Tensor:
-        scores = token_scores(self.reward, ids, mask, _positions(mask))  # (B, L)
-        return scores[torch.arange(scores.shape[0], device=scores.device), last_token_index(mask).clamp(min=0)]
+        return sequence_scores(self.reward, ids, mask, _positions(mask))
 
     def values(self, ids, mask, pos) -> torch.Tensor:
         return token_scores(self.value, ids, mask, pos)  # (B, L)

@@ -23,7 +23,7 @@ from salsa_lightning.models.loading import (
     resolve_model_path,
 )
 from salsa_lightning.models.quantization import refuse_full_weights
-from salsa_lightning.rl.sequences import last_token_index
+from salsa_lightning.reward.losses import gather_last
 from salsa_lightning.stage import read_manifest
 
 
@@ -58,11 +58,9 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     return captured[-1].squeeze(-1).float()  # (B, T)
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None) -> torch.Tensor:
     """Scalar reward per row (B,): the head's output at the last real token (found from the mask)."""
-    scores = token_scores(model, input_ids, attention_mask)  # (B, T)
-    idx = last_token_index(attention_mask)  # (B,)
-    return scores[torch.arange(scores.shape[0], device=scores.device), idx]  # (B,)
+    return gather_last(token_scores(model, input_ids, attention_mask, position_ids), attention_mask)
 
 
 def load_reward_model(spec: ModelSpec, trainable: bool = True, pad_token_id: int | None = None):
