@@ -42,16 +42,14 @@ def ppo_pipeline(tiny_model_dir, tmp_path_factory):
     """Tiny LoRA SFT seeds 1 and 2, a LoRA reward model, and RL prompts: the inputs of a PPO run."""
     import shutil
 
-    from helpers import addition_conversations, addition_preferences, reward_args, sft_args, write_jsonl
+    from helpers import addition_conversations, addition_preferences, reward_args, sft_args, write_jsonl, write_prompts
 
     from salsa_lightning.cli import main
 
     root = tmp_path_factory.mktemp("ppo-pipeline")
     sft = write_jsonl(root / "sft.jsonl", addition_conversations(48))
     prefs = write_jsonl(root / "prefs.jsonl", addition_preferences(48))
-    write_jsonl(
-        root / "prompts.jsonl", [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(16, seed=9)]
-    )
+    write_prompts(root / "prompts.jsonl", 16, seed=9)
     for seed in (1, 2):
         main(sft_args(str(tiny_model_dir), str(sft), str(root / f"sft{seed}"), "--trainer.max_steps=3", "--model.model.lora.r=4",
                       "--model.optim.lr=1e-2", f"--seed_everything={seed}"))  # fmt: skip

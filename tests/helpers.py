@@ -31,6 +31,11 @@ def addition_conversations(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def write_prompts(path: Path, n: int, seed: int) -> Path:
+    """RL prompts (the user turns of `addition_conversations`) as a `prompt` jsonl file."""
+    return write_jsonl(path, [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(n, seed=seed)])
+
+
 def stage_args(module: str, datamodule: str, model: str, data: str, output_dir: str | None, *extra: str) -> list[str]:
     """`fit` arguments for a tiny, quiet, CPU run of a training stage."""
     args = [

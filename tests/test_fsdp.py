@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import addition_conversations, addition_preferences, ppo_args, reward_args, sft_args, write_jsonl
+from helpers import addition_preferences, ppo_args, reward_args, sft_args, write_jsonl, write_prompts
 from scale_helpers import loss_history
 
 from salsa_lightning.cli import cli_main
@@ -49,6 +49,14 @@ def common_args(model: str, data: str, out: str, history: str) -> list[str]:
     return sft_args(model, data, out, "--trainer.max_epochs=4", "--data.val_fraction=0.2", "--trainer.limit_val_batches=0",
                     "--model.optim.lr=5e-3", "--model.optim.warmup_ratio=0", "--trainer.enable_progress_bar=false",
                     "--trainer.callbacks+=scale_helpers.LossHistory", f"--trainer.callbacks.path={history}")  # fmt: skip
+
+
+# PPO rollouts that two runs can compare: greedy, and no EOS before the last token (equal token counts per row)
+GREEDY_FIXED_LENGTH = [
+    "--model.generation.do_sample=false",
+    "--model.generation.max_new_tokens=6",
+    "--model.generation.min_new_tokens=6",
+]
 
 
 def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> str:
@@ -153,9 +161,7 @@ def test_fsdp2_ppo_on_two_processes_matches_one_process(layout, ppo_pipeline, ti
     while the single process averages whole state dicts.
     Greedy rollouts of a fixed length (no EOS before `max_new_tokens`) make the two runs see the same tokens and
     equal token counts per rank; advantages are whitened with the global batch's statistics on both."""
-    prompts = write_jsonl(
-        tmp_path / "prompts.jsonl", [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(8, seed=4)]
-    )
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 8, seed=4)
     policy, reward = str(ppo_pipeline / "sft1"), str(ppo_pipeline / "rm")
     extra = [f"--model.soup={ppo_pipeline / 'soup'}", "--model.anchor=soup"]
     if layout == "full-weight seeds":
@@ -165,8 +171,7 @@ def test_fsdp2_ppo_on_two_processes_matches_one_process(layout, ppo_pipeline, ti
 
     def args(out: str) -> list[str]:
         return ppo_args(policy, str(prompts), *extra, "--trainer.max_epochs=3", "--model.ppo.ppo_epochs=1",
-                        "--model.generation.do_sample=false", "--model.generation.max_new_tokens=6",
-                        "--model.generation.min_new_tokens=6", "--model.optim.lr=1e-3", f"--model.layout={layout}",
+                        *GREEDY_FIXED_LENGTH, "--model.optim.lr=1e-3", f"--model.layout={layout}",
                         f"--model.output_dir={tmp_path / out}", reward=reward)  # fmt: skip
 
     def sharded_args(out: str, *extra: str) -> list[str]:
@@ -224,8 +229,7 @@ def test_fsdp2_on_one_gpu_in_bf16(stage, tiny_model_dir, ppo_pipeline, tmp_path)
         sharded = mean_over_ranks(tmp_path / "sharded-loss", nproc=1)
         weights = "model.safetensors"
     else:
-        prompts = write_jsonl(tmp_path / "prompts.jsonl",
-                              [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(8, seed=4)])  # fmt: skip
+        prompts = write_prompts(tmp_path / "prompts.jsonl", 8, seed=4)
         policy, extra = str(ppo_pipeline / "sft1"), [f"--model.soup={ppo_pipeline / 'soup'}"]
         if stage == "salsa-full-seeds":
             policy = str(tiny_model_dir)
@@ -233,8 +237,7 @@ def test_fsdp2_on_one_gpu_in_bf16(stage, tiny_model_dir, ppo_pipeline, tmp_path)
 
         def args(out: str) -> list[str]:
             return ppo_args(policy, str(prompts), *extra, "--model.anchor=soup", "--trainer.max_epochs=3",
-                            "--model.generation.do_sample=false", "--model.generation.max_new_tokens=6",
-                            "--model.generation.min_new_tokens=6", "--model.optim.lr=1e-3", *gpu,
+                            *GREEDY_FIXED_LENGTH, "--model.optim.lr=1e-3", *gpu,
                             f"--model.output_dir={tmp_path / out}", reward=str(ppo_pipeline / "rm"))  # fmt: skip
 
         reference = [h["objective/rlhf_reward"] for h in cli_main(args("single")).model.history]

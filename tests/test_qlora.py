@@ -12,7 +12,15 @@ import json
 
 import pytest
 import torch
-from helpers import addition_conversations, addition_preferences, ppo_args, reward_args, sft_args, write_jsonl
+from helpers import (
+    addition_conversations,
+    addition_preferences,
+    ppo_args,
+    reward_args,
+    sft_args,
+    write_jsonl,
+    write_prompts,
+)
 from scale_helpers import loss_history
 
 from salsa_lightning.cli import cli_main, main
@@ -77,9 +85,7 @@ def qlora(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("qlora")
     sft = write_jsonl(root / "sft.jsonl", addition_conversations(48))
     prefs = write_jsonl(root / "prefs.jsonl", addition_preferences(48))
-    write_jsonl(
-        root / "prompts.jsonl", [{"prompt": r["messages"][0]["content"]} for r in addition_conversations(8, seed=9)]
-    )
+    write_prompts(root / "prompts.jsonl", 8, seed=9)
     clis = {}
     for seed in (1, 2):
         clis[f"sft{seed}"] = cli_main(
