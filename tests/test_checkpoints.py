@@ -162,7 +162,7 @@ def test_lora_ckpt_exports_an_adapter_that_plain_peft_loads(lora_run, tiny_model
 
 def test_checkpoint_written_outside_our_cli_exports_its_model_settings(lora_run, tmp_path):
     # a checkpoint without what StageConfigCallback adds: config.yaml holds what it has, the model's settings
-    from salsa_lightning.cli import CHECKPOINT_KEY
+    from salsa_lightning.stage import CHECKPOINT_KEY
 
     _, ckpt, fit_out = lora_run
     bare = torch.load(ckpt, weights_only=True)

@@ -24,8 +24,6 @@ def subcommand_for(path: Path) -> str:
     """`fit` for Lightning configs (trainer/model/data keys); otherwise the extra command whose fields match."""
     import dataclasses
 
-    import salsa_lightning.commands  # noqa: F401
-
     keys = set(yaml.safe_load(path.read_text()) or {})
     if keys & {"trainer", "model", "data"}:
         return "fit"
@@ -103,8 +101,6 @@ def test_fsdp_overlay_stacks_on_every_stage(overlay: Path, stage: str, capsys):
 
 
 def test_help_lists_every_subcommand(capsys):
-    import salsa_lightning.commands  # noqa: F401
-
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     out = capsys.readouterr().out

@@ -81,7 +81,7 @@ def config(built: dict, out: Path, **overrides) -> EvalConfig:
 
 
 def register_evaluate(monkeypatch) -> None:
-    """What commands.py will do (`register_command("evaluate", ...)`), undone after the test."""
+    """The registry's own `evaluate` entry, set again (and undone after the test) so this test does not depend on it."""
     config, run = "salsa_lightning.evaluation.config:EvalConfig", "salsa_lightning.evaluation.run:run_evaluate"
     monkeypatch.setitem(EXTRA_COMMANDS, "evaluate", ExtraCommand(config, run, "Evaluate systems pairwise."))
 

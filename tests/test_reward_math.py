@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from salsa_lightning.reward.losses import bradley_terry_loss, gather_last, pairwise_stats
-from salsa_lightning.rl.sequences import last_token_index
+from salsa_lightning.reward.losses import bradley_terry_loss, pairwise_stats
+from salsa_lightning.rl.sequences import gather_last, last_token_index
 
 
 def test_bradley_terry_hand_case():

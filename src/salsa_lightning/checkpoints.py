@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.models.spec import DTYPE_NAMES
 from salsa_lightning.stage import MANIFEST_NAME, check_output_dir
 
 # Lightning's name for the non-tensor part of a distributed checkpoint (lightning.fabric.utilities.load)
@@ -250,7 +251,7 @@ def build_module(ckpt: LoadedCheckpoint):
     try:
         module = instantiate_module(cls, hparams)
     except Exception as err:
-        from salsa_lightning.cli import user_error
+        from salsa_lightning.errors import user_error
 
         if user_error(err) is not None:  # e.g. the base model is gone: the stage's own sentence
             raise user_error(err) from err
@@ -262,9 +263,6 @@ def build_module(ckpt: LoadedCheckpoint):
     module.configure_model()
     module.eval()
     return stage, module
-
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def load_weights(module, ckpt: LoadedCheckpoint) -> None:
@@ -302,7 +300,7 @@ def load_weights(module, ckpt: LoadedCheckpoint) -> None:
 def exported_manifest(stage: str, module, ckpt: LoadedCheckpoint) -> dict[str, Any]:
     """The manifest the stage writes at the end of `fit` (its module's `stage_manifest`), from the checkpoint, plus
     where it came from."""
-    from salsa_lightning.cli import CHECKPOINT_KEY
+    from salsa_lightning.stage import CHECKPOINT_KEY
 
     extra = ckpt.meta.get(CHECKPOINT_KEY) or {}
     manifest = module.stage_manifest(extra.get("seed"), ckpt.meta.get("global_step"), extra.get("metrics") or {})
@@ -328,8 +326,8 @@ def run_export(cfg: ExportConfig, quiet: bool = False) -> dict[str, Any]:
     renamed into place when complete, so a failure leaves nothing behind."""
     from rich.console import Console
 
-    from salsa_lightning.cli import CHECKPOINT_KEY
     from salsa_lightning.modules.common import save_stage_output
+    from salsa_lightning.stage import CHECKPOINT_KEY
 
     if not cfg.checkpoint or not cfg.output_dir:
         raise SalsaError("`export` needs both --checkpoint PATH and --output_dir DIR.")

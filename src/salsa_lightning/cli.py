@@ -25,7 +25,8 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from salsa_lightning.errors import SalsaError
+from salsa_lightning.errors import user_error
+from salsa_lightning.stage import CHECKPOINT_KEY
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,32 @@ class ExtraCommand:
         return getattr(importlib.import_module(module), name)
 
 
-# The key under which `StageConfigCallback` stores the resolved config, seed and metrics in every checkpoint.
-CHECKPOINT_KEY = "salsa_lightning"
-
-# Each later stage adds itself here; the dataclass's fields become the command's flags and YAML keys.
-EXTRA_COMMANDS: dict[str, ExtraCommand] = {}
-
-
-def register_command(name: str, config: str, run: str, help: str) -> None:
-    EXTRA_COMMANDS[name] = ExtraCommand(config, run, help)
+# The recipe's non-training subcommands: one literal registry (nothing registers itself from elsewhere). Each
+# dataclass's fields become the command's flags and YAML keys.
+EXTRA_COMMANDS: dict[str, ExtraCommand] = {
+    "data": ExtraCommand(
+        config="salsa_lightning.data.tasks:TaskSuiteConfig",
+        run="salsa_lightning.data.tasks:run_data",
+        help="Write the built-in task suite (SFT, preferences, RL prompts, ID/OOD eval) with its gold judge.",
+    ),
+    "soup": ExtraCommand(
+        config="salsa_lightning.soup.config:SoupConfig",
+        run="salsa_lightning.soup.run:run_soup",
+        help="Average several SFT seeds (full weights, or LoRA adapters exactly) into a model soup.",
+    ),
+    "evaluate": ExtraCommand(
+        config="salsa_lightning.evaluation.config:EvalConfig",
+        run="salsa_lightning.evaluation.run:run_evaluate",
+        help="Generate responses from several systems and judge them pairwise: win rates, KL, reward distributions.",
+    ),
+    "export": ExtraCommand(
+        config="salsa_lightning.checkpoints:ExportConfig",
+        run="salsa_lightning.checkpoints:run_export",
+        help="Convert an SFT or reward checkpoint (a .ckpt file, or a sharded FSDP2 checkpoint directory) into the "
+        "HF-format stage output; an exported reward model has no training-set reward stats (normalize_reward refuses "
+        "it).",
+    ),
+}
 
 
 class StageConfigCallback(SaveConfigCallback):
@@ -169,21 +187,8 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> SalsaCLI:
 
     A `SalsaError` (a problem the user can fix) propagates; `main()` turns it into one line and exit 2.
     """
-    import salsa_lightning.commands  # noqa: F401  (registers the extra subcommands)
-
     _enable_attribute_docstrings()
     return SalsaCLI(args=args, **kwargs)
-
-
-def user_error(exc: BaseException) -> SalsaError | None:
-    """The SalsaError behind `exc`, if any: jsonargparse wraps errors raised while instantiating classes."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, SalsaError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def main(args: list[str] | None = None) -> None:

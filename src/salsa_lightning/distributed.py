@@ -15,8 +15,7 @@ from typing import Any, Literal
 import torch
 
 from salsa_lightning.errors import SalsaError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from salsa_lightning.models.spec import DTYPES
 
 
 @dataclass

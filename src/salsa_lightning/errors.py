@@ -8,3 +8,14 @@ bad paths, wrong fields, incompatible checkpoints, NaNs.
 
 class SalsaError(Exception):
     """A problem the user can fix; `str(err)` is the sentence shown to them."""
+
+
+def user_error(exc: BaseException) -> SalsaError | None:
+    """The SalsaError behind `exc`, if any: jsonargparse (and other libraries) wrap errors raised inside them."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, SalsaError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

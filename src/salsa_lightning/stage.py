@@ -22,6 +22,8 @@ from salsa_lightning.errors import SalsaError
 
 MANIFEST_NAME = "salsa_manifest.json"
 CONFIG_NAME = "config.yaml"
+# The key under which the CLI stores the resolved config, seed and metrics in every checkpoint (`export` reads it).
+CHECKPOINT_KEY = "salsa_lightning"
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:

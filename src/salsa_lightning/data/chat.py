@@ -1,6 +1,7 @@
-"""Chat-template tokenisation with labels on assistant tokens only.
+"""Conversations (`Messages`) and their chat-template tokenisation: whole conversations for rewards (left-truncated),
+labels on assistant tokens only for SFT.
 
-Written by hand because most chat templates (SmolLM2's, Llama-2's, Mistral's) lack the
+The assistant labels are written by hand because most chat templates (SmolLM2's, Llama-2's, Mistral's) lack the
 `{% generation %}` markers that `apply_chat_template(return_assistant_tokens_mask=True)` needs. We
 render the conversation prefix by prefix, take each assistant turn's character span, and map spans
 to tokens through the fast tokenizer's offsets — exact even when BPE merges across a turn boundary.
@@ -13,6 +14,36 @@ from typing import Any
 from salsa_lightning.errors import SalsaError
 
 IGNORE_INDEX = -100
+Messages = list[dict[str, str]]
+
+
+def as_messages(prompt: str | Messages) -> Messages:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
+
+
+def conversation(prompt: str | Messages, response: str | Messages) -> Messages:
+    """The full conversation for one side of a pair."""
+    if isinstance(response, str):
+        return [*as_messages(prompt), {"role": "assistant", "content": response}]
+    response = list(response)
+    if response and response[0].get("role") != "assistant":
+        return response  # already the whole conversation (ultrafeedback_binarized)
+    return [*as_messages(prompt), *response]
+
+
+def last_assistant_text(side: str | Messages) -> str:
+    if isinstance(side, str):
+        return side
+    return next((m["content"] for m in reversed(side) if m.get("role") == "assistant"), "")
+
+
+def encode_left_truncated(tokenizer, messages: Messages, max_length: int) -> tuple[list[int], bool]:
+    """The rendered conversation's token ids, cut from the LEFT to `max_length` (the response end, where a reward
+    is read, survives), and whether it was cut."""
+    ids = tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    return ids[-max_length:], len(ids) > max_length
 
 
 def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:

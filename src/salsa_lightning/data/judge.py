@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Literal
 
 from salsa_lightning.data.families import FAMILIES, MAX_WORDS, Task
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.evaluation.stats import Verdict, verdict_from_scores
 
 __all__ = ["MAX_WORDS", "Task", "compare", "parse_prompt", "score"]
-
-Verdict = Literal["win", "loss", "tie"]
 
 _CHATML_USER = re.compile(r"<\|im_start\|>user\s*\n(.*?)<\|im_end\|>", re.S)
 _END_TOKENS = re.compile(r"(<\|im_end\|>|<\|endoftext\|>|</s>)+\s*$")
@@ -81,11 +79,4 @@ def compare(prompt: str, response_a: str, response_b: str, tie_margin: float = 0
     below by more than that, else 'tie' (so two equally right or equally wrong responses tie)."""
     if tie_margin < 0:
         raise SalsaError(f"tie_margin must be >= 0, got {tie_margin}; pass a non-negative margin.")
-    task = parse_prompt(prompt)
-    grade = FAMILIES[task.family].grade
-    diff = grade(task, _clean_response(response_a)) - grade(task, _clean_response(response_b))
-    if diff > tie_margin:
-        return "win"
-    if diff < -tie_margin:
-        return "loss"
-    return "tie"
+    return verdict_from_scores(score(prompt, response_a), score(prompt, response_b), tie_margin)

@@ -13,39 +13,10 @@ from typing import Any
 import torch
 
 from salsa_lightning.data.base import TokenizedDataModule
+from salsa_lightning.data.chat import conversation, encode_left_truncated, last_assistant_text
 from salsa_lightning.data.collate import pad_sequences
 from salsa_lightning.data.sources import load_rows
 from salsa_lightning.errors import SalsaError
-
-Messages = list[dict[str, str]]
-
-
-def as_messages(prompt: str | Messages) -> Messages:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return list(prompt)
-
-
-def conversation(prompt: str | Messages, response: str | Messages) -> Messages:
-    """The full conversation for one side of a pair."""
-    if isinstance(response, str):
-        return [*as_messages(prompt), {"role": "assistant", "content": response}]
-    response = list(response)
-    if response and response[0].get("role") != "assistant":
-        return response  # already the whole conversation (ultrafeedback_binarized)
-    return [*as_messages(prompt), *response]
-
-
-def last_assistant_text(side: str | Messages) -> str:
-    if isinstance(side, str):
-        return side
-    return next((m["content"] for m in reversed(side) if m.get("role") == "assistant"), "")
-
-
-def encode_left_truncated(tokenizer, messages: Messages, max_length: int) -> tuple[list[int], bool]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids[-max_length:], len(ids) > max_length
 
 
 def validate_pair(row: dict[str, Any], index: int) -> None:

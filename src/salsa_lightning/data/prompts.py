@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from salsa_lightning.data.base import TokenizedDataModule
+from salsa_lightning.data.chat import Messages, as_messages
 from salsa_lightning.data.collate import pad_sequences
-from salsa_lightning.data.preferences import Messages, as_messages
 from salsa_lightning.errors import SalsaError
 
 

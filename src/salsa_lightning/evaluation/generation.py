@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from salsa_lightning.data.chat import Messages
 from salsa_lightning.data.collate import pad_sequences
-from salsa_lightning.data.preferences import Messages
 from salsa_lightning.rl import logprobs_from_logits, position_ids_from_mask, response_logits, response_mask
 
 

@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from salsa_lightning import __version__
 from salsa_lightning.data import judge as gold
-from salsa_lightning.data.preferences import Messages
+from salsa_lightning.data.chat import Messages
 from salsa_lightning.data.prompts import prompt_messages
 from salsa_lightning.data.sources import load_rows
 from salsa_lightning.errors import SalsaError

@@ -16,7 +16,7 @@ import torch
 from salsa_lightning.errors import SalsaError
 
 if TYPE_CHECKING:
-    from salsa_lightning.models.loading import ModelSpec
+    from salsa_lightning.models.spec import ModelSpec
 
 QUANTIZATIONS = ("none", "nf4")
 

@@ -5,16 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from salsa_lightning.rl.sequences import last_token_index
-
-
-def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """values (B, T) or (B, T, 1) -> (B,): the value at each row's last real token."""
-    if values.dim() == 3:
-        values = values.squeeze(-1)
-    idx = last_token_index(attention_mask).clamp(min=0)  # a row with no real token reads position 0
-    return values.gather(1, idx[:, None]).squeeze(1)
-
 
 def bradley_terry_loss(
     chosen: torch.Tensor,

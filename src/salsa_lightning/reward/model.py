@@ -23,7 +23,7 @@ from salsa_lightning.models.loading import (
     resolve_model_path,
 )
 from salsa_lightning.models.quantization import refuse_full_weights
-from salsa_lightning.reward.losses import gather_last
+from salsa_lightning.rl.sequences import gather_last
 from salsa_lightning.stage import read_manifest
 
 

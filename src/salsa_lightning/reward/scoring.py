@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from salsa_lightning.data.chat import Messages, conversation, encode_left_truncated
 from salsa_lightning.data.collate import pad_sequences
-from salsa_lightning.data.preferences import Messages, conversation, encode_left_truncated
 from salsa_lightning.models.loading import ModelSpec, load_tokenizer
 from salsa_lightning.reward.model import load_reward_model, reward_stats, sequence_scores
 

@@ -55,7 +55,13 @@ from salsa_lightning.rl.rewards import (
     normalize_scores,
     shape_rewards,
 )
-from salsa_lightning.rl.sequences import contains_eos, last_token_index, position_ids_from_mask, response_mask
+from salsa_lightning.rl.sequences import (
+    contains_eos,
+    gather_last,
+    last_token_index,
+    position_ids_from_mask,
+    response_mask,
+)
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -74,6 +80,7 @@ __all__ = [
     "contains_eos",
     "entropy_from_logits",
     "explained_variance",
+    "gather_last",
     "get_kl_estimator",
     "kl_hack_detected",
     "kl_k1",

@@ -62,3 +62,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """
     pos = torch.cumsum(attention_mask.long(), dim=1) - 1  # (B, L)
     return pos.clamp(min=0).masked_fill(~attention_mask.bool(), 0)
+
+
+def gather_last(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's entry at its last real token: (B, T) or (B, T, 1) -> (B,), (B, T, H) -> (B, H).
+
+    Where a reward model's score or a hidden state is read. A row with no real token reads position 0.
+    """
+    if values.dim() == 3 and values.shape[-1] == 1:
+        values = values.squeeze(-1)
+    idx = last_token_index(mask).clamp(min=0)  # (B,)
+    return values[torch.arange(values.shape[0], device=values.device), idx]  # (B,) or (B, H)
