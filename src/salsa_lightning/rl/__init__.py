@@ -22,8 +22,25 @@ One PPO update, in call order (`logits`, `values` from a forward over `[prompt |
         loss = pg.loss + vf_coef * vf.loss
         log(update_metrics(pg, vf))                               # averaged over minibatches
     kl_ctl.update(masked_sum(kl, mask, dim=1).mean(), n_steps=B)
+
+Critic-free variants (`advantages.py`; no value head, no `value_loss`): each prompt's G responses are
+contiguous rows; up to `shaped` everything is as above, then::
+
+    seq      = masked_sum(shaped.rewards, mask, dim=1)                # (B,) score - β·Σ_t kl_t
+    adv      = broadcast_to_tokens(group_advantages(seq, G), mask)    # GRPO (or rloo_advantages(seq, G))
+    # REINFORCE++ instead: adv = reinforce_pp_advantages(shaped.rewards, mask, gamma, all_reduce)   # (B, R)
+    for each ppo epoch and minibatch:
+        pg   = policy_loss(new_logp, mb_logp, mb_adv, mb_mask, cliprange)
+        loss = pg.loss + β * kl_loss(new_logp, mb_logp_anchor, mb_mask)  # GRPO: KL in the loss, β = 0 in the reward
 """
 
+from salsa_lightning.rl.advantages import (
+    broadcast_to_tokens,
+    group_advantages,
+    kl_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 from salsa_lightning.rl.gae import GAEOutput, compute_gae
 from salsa_lightning.rl.kl import KL_ESTIMATORS, get_kl_estimator, kl_k1, kl_k2, kl_k3, kl_penalty, multi_anchor_kl
 from salsa_lightning.rl.kl_control import AdaptiveKLController, FixedKLController, KLController, make_kl_controller
@@ -75,6 +92,7 @@ __all__ = [
     "ValueLossOutput",
     "apply_missing_eos_penalty",
     "approx_kl",
+    "broadcast_to_tokens",
     "check_kl_coef",
     "compute_gae",
     "contains_eos",
@@ -82,10 +100,12 @@ __all__ = [
     "explained_variance",
     "gather_last",
     "get_kl_estimator",
+    "group_advantages",
     "kl_hack_detected",
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kl_loss",
     "kl_penalty",
     "last_token_index",
     "logprobs_from_logits",
@@ -102,8 +122,10 @@ __all__ = [
     "normalize_scores",
     "policy_loss",
     "position_ids_from_mask",
+    "reinforce_pp_advantages",
     "response_logits",
     "response_mask",
+    "rloo_advantages",
     "rollout_metrics",
     "shape_rewards",
     "update_metrics",
