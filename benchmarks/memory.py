@@ -109,7 +109,7 @@ def measure_stack(stack, arch: Arch, work: Workload) -> dict[str, float]:
     exclude = {_storage_key(t) for t in trainable + frozen}
     with SavedTensors(exclude) as saved:
         logp = logprobs_from_logits(
-            response_logits(stack.policy_logits(ids, mask, pos), work.response_length), response
+            response_logits(stack.logits("policy", ids, mask, pos), work.response_length), response
         )
         values = stack.values(ids, mask, pos)
     loss = -logp.mean() + values.square().mean()

@@ -61,18 +61,18 @@ def test_layouts_give_the_same_numbers(pipeline):
     pos = position_ids_from_mask(mask)
     with torch.no_grad():
         torch.testing.assert_close(
-            full.policy_logits(ids, mask, pos), lora.policy_logits(ids, mask, pos), atol=1e-4, rtol=1e-4
+            full.logits("policy", ids, mask, pos), lora.logits("policy", ids, mask, pos), atol=1e-4, rtol=1e-4
         )
         torch.testing.assert_close(
-            full.anchor_logits("soup", ids, mask, pos), lora.anchor_logits("soup", ids, mask, pos), atol=1e-4, rtol=1e-4
+            full.logits("soup", ids, mask, pos), lora.logits("soup", ids, mask, pos), atol=1e-4, rtol=1e-4
         )
         torch.testing.assert_close(full.reward_scores(ids, mask), lora.reward_scores(ids, mask), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(full.values(ids, mask, pos), lora.values(ids, mask, pos), atol=1e-4, rtol=1e-4)
         # only the last `keep` positions' logits are computed (the response's): the same numbers as slicing all
         for stack in (full, lora):
-            whole = stack.policy_logits(ids, mask, pos)
-            torch.testing.assert_close(stack.policy_logits(ids, mask, pos, keep=5), whole[:, -5:])
-            assert stack.anchor_logits("soup", ids, mask, pos, keep=5).shape[1] == 5
+            whole = stack.logits("policy", ids, mask, pos)
+            torch.testing.assert_close(stack.logits("policy", ids, mask, pos, keep=5), whole[:, -5:])
+            assert stack.logits("soup", ids, mask, pos, keep=5).shape[1] == 5
     # only the policy and the critic train in the LoRA layout; the base and the other adapters are frozen
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert trainable and all(".policy." in n or ".value." in n or n.startswith("value_head") for n in trainable)
@@ -131,7 +131,7 @@ def test_output_reloads_with_peft_and_logs_both_kls(pipeline, tmp_path):
     ids = torch.randint(3, 300, (2, 10))
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        ours = cli.model.stack.policy_logits(ids, mask, None)
+        ours = cli.model.stack.logits("policy", ids, mask, None)
         theirs = reloaded(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -254,3 +254,104 @@ def test_normalize_reward_uses_the_reward_stages_stats(pipeline):
     # the same first rollout (same seed): its mean score moves by exactly the stored affine map
     expected = (raw.model.history[0]["objective/scores"] - stats["mean"]) / stats["std"]
     assert normed.model.history[0]["objective/scores"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+# ---------------------------------------------------------------- bugs a full read found (issue 12)
+_calls = {"n": 0}
+
+
+def nan_on_second_rollout(prompts: list, responses: list[str]) -> list[float]:
+    """A finite reward except on the second rollout, which is all NaN (a skipped update)."""
+    _calls["n"] += 1
+    bad = _calls["n"] == 2
+    return [float("nan") if bad else r.count("a") / max(len(r), 1) for r in responses]
+
+
+def seeds_of_training_steps(monkeypatch) -> list[int]:
+    import salsa_lightning.modules.ppo as ppo_module
+
+    seeds: list[int] = []
+    real = torch.manual_seed
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def manual_seed(seed):
+            seeds.append(int(seed))
+            return real(seed)
+
+    monkeypatch.setattr(ppo_module, "torch", Spy())
+    return seeds
+
+
+def test_nan_loss_in_a_later_minibatch_is_a_partial_update_that_still_advances(pipeline, monkeypatch):
+    import salsa_lightning.rl as rl_pkg
+
+    seeds = seeds_of_training_steps(monkeypatch)
+    real_loss, count = rl_pkg.policy_loss, {"n": 0}
+
+    def nan_every_second_minibatch(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] % 2 == 0:  # the second minibatch of every update (batch 8, minibatch 4, 2 epochs: 4 planned)
+            out = type(out)(**{**out.__dict__, "loss": out.loss * float("nan")})
+        return out
+
+    monkeypatch.setattr(rl_pkg, "policy_loss", nan_every_second_minibatch)
+    with pytest.warns(UserWarning, match="Cut a PPO update short after 1 of 4 minibatches"):
+        cli = run(pipeline, "--trainer.max_epochs=1", "--model.optim.lr=1e-2", "--model.ppo.max_nonfinite_in_a_row=5")
+    m = cli.model
+    # the first minibatch of each update stepped the optimizer: each rollout counts as an update, honestly marked
+    assert m.rollouts_done == m.updates_done == len(m.history) == 2
+    assert all(h["train/nonfinite_minibatches"] == 3.0 for h in m.history)
+    assert len(set(seeds)) == len(seeds) == 2  # the second rollout does not repeat the first one's sampling seed
+    assert m.lr_schedulers().last_epoch == 2  # the schedule advanced with every rollout
+    assert m.history[1]["objective/kl"] > 0  # the partial update moved the policy
+
+
+def test_skipped_rollouts_still_advance_the_seed_and_the_schedule(pipeline, capsys, monkeypatch):
+    seeds = seeds_of_training_steps(monkeypatch)
+    args = ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), "--trainer.max_epochs=3",
+                    "--model.ppo.max_nonfinite_in_a_row=3", reward_fn="helpers:nan_reward")  # fmt: skip
+    with pytest.warns(UserWarning, match="Skipped a PPO update"):
+        run_fails(args, capsys)
+    assert len(seeds) == 3 and len(set(seeds)) == 3  # a skipped update is never retried with the same noise
+
+
+def test_a_skipped_update_is_not_fed_to_the_kl_hack_monitor_twice(pipeline, monkeypatch):
+    from salsa_lightning.rl.monitor import KLHackMonitor
+
+    fed: list[float] = []
+    real_update = KLHackMonitor.update
+    monkeypatch.setattr(
+        KLHackMonitor, "update", lambda self, length: fed.append(float(length)) or real_update(self, length)
+    )
+    _calls["n"] = 0
+    with pytest.warns(UserWarning, match="Skipped a PPO update"):
+        cli = run(pipeline, "--trainer.max_epochs=2", "--model.layout=full", "--model.kl_hack.action=warn",
+                  reward=False, reward_fn="test_ppo:nan_on_second_rollout")  # fmt: skip
+    lengths = [h["response_length"] for h in cli.model.history]
+    assert len(lengths) == 3 and cli.model.rollouts_done == 4
+    assert fed == pytest.approx(lengths)  # one observation per update that ran, none for the skipped one
+
+
+@pytest.mark.parametrize("limit", ["--trainer.max_steps=8", "--trainer.max_epochs=1"])
+def test_the_lr_schedule_spans_the_run_whichever_limit_is_set(pipeline, limit):
+    # 16 prompts in batches of 8, minibatch 4, 2 PPO epochs: 4 optimizer steps per rollout, so max_steps=8 is the
+    # same 2 rollouts as one epoch
+    cli = run(
+        pipeline, limit, "--model.optim.lr=1e-3", "--model.optim.schedule=linear", "--model.optim.warmup_ratio=0.5"
+    )
+    sch = cli.model.lr_schedulers()
+    assert len(cli.model.history) == 2 and cli.trainer.global_step == 8
+    assert sch.last_epoch == 2 and sch.get_last_lr()[0] == pytest.approx(0.0)  # warm-up then decay, to the end
+
+
+def test_kl_hack_errors_name_fields_that_exist(pipeline, capsys):
+    for flag, field in (("--model.kl_hack.min_fraction=1.5", "model.kl_hack.min_fraction"),
+                        ("--model.kl_hack.patience=0", "model.kl_hack.patience")):  # fmt: skip
+        msg = run_fails(ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), flag,
+                                 reward=str(pipeline / "rm")), capsys)  # fmt: skip
+        assert field in msg and "min_length_fraction" not in msg and "reference_updates" not in msg

@@ -202,3 +202,34 @@ def test_explained_variance_matches_naive_loop():
         return sum((x - m) ** 2 for x in xs) / len(xs)
 
     assert explained_variance(v, g, mask).item() == pytest.approx(1 - var(es) / var(gs))
+
+
+def test_explained_variance_over_ranks_is_the_global_batchs():
+    # two "ranks" with different halves: the global statistic is not the mean of the halves' ratios
+    from salsa_lightning.rl.masked import masked_moments
+
+    g = torch.Generator().manual_seed(7)
+    values, returns = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g) * 3
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    halves = [(slice(0, 3)), (slice(3, 6))]
+    other = {0: 1, 1: 0}
+
+    def all_reduce_for(rank):
+        o = halves[other[rank]]
+
+        def reduce(moments):
+            # the other rank's contribution of the same shape: both tensors of moments, stacked as the caller did
+            theirs = torch.stack([masked_moments(returns[o], mask[o]), masked_moments(returns[o] - values[o], mask[o])])
+            return moments + (theirs if moments.dim() == 2 else theirs[0])
+
+        return reduce
+
+    whole = explained_variance(values, returns, mask)
+    per_rank = [
+        explained_variance(values[h], returns[h], mask[h], all_reduce=all_reduce_for(r)) for r, h in enumerate(halves)
+    ]
+    for ev in per_rank:
+        torch.testing.assert_close(ev, whole)
+    mean_of_ratios = sum(explained_variance(values[h], returns[h], mask[h]) for h in halves) / 2
+    assert not torch.allclose(mean_of_ratios, whole)  # what averaging the ranks' values used to log

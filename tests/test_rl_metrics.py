@@ -73,3 +73,23 @@ def test_update_metrics_names_and_values():
     assert m["loss/policy_avg"].item() == pytest.approx(pg.loss.item())
     assert m["policy/approxkl_avg"].item() == pytest.approx(0.5 * 0.01)  # ½·mean(0.1², 0.1²)
     assert not any(t.requires_grad for t in m.values())
+
+
+def test_scores_std_over_ranks_is_the_global_batchs():
+    from salsa_lightning.rl.masked import masked_moments
+    from salsa_lightning.rl.rewards import shape_rewards
+
+    scores = torch.tensor([0.0, 1.0, 5.0, 9.0])
+    kl, mask = torch.zeros(4, 2), torch.ones(4, 2, dtype=torch.bool)
+    has_eos = torch.ones(4, dtype=torch.bool)
+    whole = rollout_metrics(scores, shape_rewards(scores, kl, mask, 0.1), kl, mask, has_eos)["objective/scores_std"]
+    for mine, theirs in ((slice(0, 2), slice(2, 4)), (slice(2, 4), slice(0, 2))):
+
+        def all_reduce(m, theirs=theirs):
+            return m + masked_moments(scores[theirs], torch.ones(2, dtype=torch.bool))
+
+        s = scores[mine]
+        out = rollout_metrics(s, shape_rewards(s, kl[mine], mask[mine], 0.1), kl[mine], mask[mine], has_eos[mine],
+                              all_reduce=all_reduce)  # fmt: skip
+        torch.testing.assert_close(out["objective/scores_std"], whole)
+    assert whole == pytest.approx(scores.std(unbiased=False).item())

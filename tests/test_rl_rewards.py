@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.rl.kl_control import make_kl_controller
 from salsa_lightning.rl.rewards import apply_missing_eos_penalty, normalize_scores, shape_rewards
 from salsa_lightning.rl.sequences import contains_eos, response_mask
 
@@ -88,9 +89,14 @@ def test_zero_beta_leaves_only_the_score():
 
 
 @pytest.mark.parametrize("beta", [-0.1, float("nan")])
-def test_bad_beta_is_a_salsa_error(beta):
+def test_bad_beta_is_a_salsa_error_where_it_is_configured(beta):
+    from salsa_lightning.ppo.config import PPOSpec
+
+    # checked once, when the config is parsed (and by the KL controllers), not on every shape_rewards call
     with pytest.raises(SalsaError, match="kl_coef"):
-        shape_rewards(torch.zeros(1), torch.zeros(1, 1), torch.ones(1, 1), beta)
+        PPOSpec(kl_coef=beta)
+    with pytest.raises(SalsaError, match="kl_coef"):
+        make_kl_controller(beta)
 
 
 def test_missing_eos_penalty_hand_computed():
@@ -100,11 +106,23 @@ def test_missing_eos_penalty_hand_computed():
     scores = torch.tensor([0.5, 0.5])
     assert apply_missing_eos_penalty(scores, has_eos, 1.0).tolist() == [0.5, -0.5]  # 0.5 - 1.0 on row 1
     assert apply_missing_eos_penalty(scores, has_eos, None) is scores
+    from salsa_lightning.ppo.config import PPOSpec
+
     with pytest.raises(SalsaError, match="missing_eos_penalty"):
-        apply_missing_eos_penalty(scores, has_eos, -1.0)
+        PPOSpec(missing_eos_penalty=-1.0)
 
 
 def test_normalize_scores():
     assert normalize_scores(torch.tensor([3.0, 1.0]), mean=1.0, std=2.0).tolist() == [1.0, 0.0]  # (3-1)/2, (1-1)/2
+
+
+@pytest.mark.parametrize("std", [0.0, -1.0, float("nan")])
+def test_bad_stored_reward_std_is_refused_where_the_stats_are_read(tmp_path, std):
+    import json
+
+    from salsa_lightning.reward.model import reward_stats
+    from salsa_lightning.stage import MANIFEST_NAME
+
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"stage": "reward", "reward_stats": {"mean": 0.0, "std": std}}))
     with pytest.raises(SalsaError, match="std"):
-        normalize_scores(torch.tensor([1.0]), mean=0.0, std=0.0)
+        reward_stats(tmp_path)

@@ -88,3 +88,12 @@ def test_empty_row_has_last_index_minus_one():
 def test_position_ids_ignore_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 0, 0]]
+
+
+def test_gather_last_reads_hidden_states_at_the_last_real_token():
+    from salsa_lightning.rl.sequences import gather_last
+
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)  # (B, T, H)
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]])  # left and right padding
+    torch.testing.assert_close(gather_last(hidden, mask), torch.stack([hidden[0, 2], hidden[1, 3]]))
+    torch.testing.assert_close(gather_last(hidden[..., :1], mask), torch.stack([hidden[0, 2, 0], hidden[1, 3, 0]]))

@@ -207,8 +207,44 @@ def world_size() -> int:
     )
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `t` over all processes (a collective: every rank calls it); `t` itself unsharded."""
+    if world_size() == 1:
+        return t
+    out = t.clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out
+
+
+def mean_over_ranks(
+    metrics: dict[str, torch.Tensor], counts: tuple[str, ...] = (), exact: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """Data-parallel runs: per-rank batch means turned into the global batch's means (each rank holds an equal share,
+    so the mean of the ranks' means is the batch mean) in one collective; `counts` are summed instead; `exact` are
+    already global statistics (computed from reduced moments) and pass through."""
+    n = world_size()
+    if n == 1:
+        return metrics
+    keys = [k for k in metrics if k not in exact]
+    device = next((v.device for v in metrics.values() if isinstance(v, torch.Tensor)), None)
+    stacked = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=device) for k in keys])
+    reduced = sum_over_ranks(stacked)
+    out = {k: (v if k in counts else v / n) for k, v in zip(keys, reduced.unbind(), strict=True)}
+    return {**out, **{k: metrics[k] for k in exact if k in metrics}}
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when it is true on any: a rank must never skip a step the others take."""
+    if world_size() == 1:
+        return flag
+    return bool(sum_over_ranks(torch.tensor(float(flag), device=device)) > 0)
+
+
 __all__ = [
     "FSDPSpec",
+    "any_rank",
+    "mean_over_ranks",
+    "sum_over_ranks",
     "decoder_layers",
     "forward_through_root",
     "full_state_dict",

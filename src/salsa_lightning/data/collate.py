@@ -10,15 +10,17 @@ from salsa_lightning.data.chat import IGNORE_INDEX
 
 
 def pad_sequences(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)  # (B, T)
-    for i, s in enumerate(seqs):
-        if s:
-            if side == "right":
-                out[i, : len(s)] = torch.tensor(s)
-            else:
-                out[i, width - len(s) :] = torch.tensor(s)
-    return out
+    """(B, T) long tensor of `seqs` padded with `value` on `side` to the longest row (torch's `pad_sequence`)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    return pad_sequence(
+        [torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True, padding_value=value, padding_side=side
+    )
+
+
+def pad_with_mask(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """`seqs` padded with `pad_id`, and the (B, T) attention mask of their real tokens."""
+    return pad_sequences(seqs, pad_id, side), pad_sequences([[1] * len(s) for s in seqs], 0, side)
 
 
 class CausalLMCollator:

@@ -100,11 +100,16 @@ def save_stage_output(
 ) -> Path:
     """Write a stage output (HF `save_pretrained` weights or adapter, tokenizer, config, manifest) atomically.
 
-    `state_dict`: the gathered full weights of a sharded model (`distributed.full_state_dict`)."""
+    `model`: a transformers/PEFT model, or a function that writes the weights into the directory it is given
+    (PPO's stack, which saves only its policy). `state_dict`: the gathered full weights of a sharded model
+    (`distributed.full_state_dict`), which a model is saved from; a writer receives them itself."""
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(
-            tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {})
-        )
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(
+                tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {})
+            )
+        else:
+            model(tmp)
         tokenizer.save_pretrained(tmp)
         if resolved_config is not None:
             (tmp / CONFIG_NAME).write_text(resolved_config)

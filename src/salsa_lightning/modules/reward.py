@@ -165,7 +165,9 @@ class RewardModule(L.LightningModule):
         manifest = self.stage_manifest(
             current_seed(), self.trainer.global_step, scalar_metrics(self.trainer.callback_metrics)
         )
-        manifest.update(reward_stats=stats, data_counts=getattr(datamodule, "counts", {}))
+        # the sequence length it was trained on: PPO and evaluation truncate scored conversations the same way
+        max_length = getattr(getattr(datamodule, "hparams", None), "max_length", None)
+        manifest.update(reward_stats=stats, data_counts=getattr(datamodule, "counts", {}), max_length=max_length)
         path = save_stage_output(
             self.output_dir, self.model, self.tokenizer, manifest, self.resolved_config, self.overwrite,
             state_dict=state_dict,

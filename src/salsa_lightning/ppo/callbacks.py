@@ -3,26 +3,42 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback
+
+from salsa_lightning.ppo.config import KLHackSpec
+from salsa_lightning.rl.monitor import KLHackMonitor
 
 
 class KLHackCallback(Callback):
     """Paper §A.4's KL-hack: warn or stop when the mean response length collapses (the policy found that an
-    empty response has zero KL). The detection itself is `rl.KLHackMonitor`."""
+    empty response has zero KL). The detection itself is `rl.KLHackMonitor`, owned here and saved in checkpoints.
+
+    It is fed what the PPO module logged for the update that just ran (the `training_step` output); a skipped
+    update logs nothing, so it is not counted."""
+
+    def __init__(self, spec: KLHackSpec | None = None):
+        self.spec = spec or KLHackSpec()
+        self.monitor = KLHackMonitor(self.spec.min_fraction, patience=self.spec.patience)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        metrics = getattr(pl_module, "last_metrics", None)
-        if not metrics or "response_length" not in metrics:
+        length = (outputs or {}).get("response_length")
+        if length is None or not self.monitor.update(length):
             return
-        if pl_module.monitor.update(metrics["response_length"]):
-            msg = (
-                f"KL-hack: mean response length {metrics['response_length']:.1f} fell below "
-                f"{pl_module.kl_hack.min_fraction:.0%} of its starting value; lower β (kl_coef) or add a missing-EOS penalty."
-            )
-            pl_module.log("kl_hack/detected", 1.0)
-            if pl_module.kl_hack.action == "stop":
-                warnings.warn(msg + " Stopping.")
-                trainer.should_stop = True
-            else:
-                warnings.warn(msg)
+        msg = (
+            f"KL-hack: mean response length {length:.1f} fell below {self.spec.min_fraction:.0%} of its starting "
+            "value; lower β (kl_coef) or add a missing-EOS penalty."
+        )
+        pl_module.log("kl_hack/detected", 1.0)
+        if self.spec.action == "stop":
+            warnings.warn(msg + " Stopping.")
+            trainer.should_stop = True
+        else:
+            warnings.warn(msg)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(state_dict)

@@ -7,25 +7,34 @@
   log-probs come from switching the active adapter, not from a second model, so peak memory stays near
   one base model plus activations.
 
-Both expose the same methods, so the PPO module never asks which layout it runs on.
+Both satisfy the `Stack` protocol, so the PPO module never asks which layout it runs on; `build_stack` is the one
+way to make either, sharded or not.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+import shutil
+import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from salsa_lightning.distributed import FSDPSpec, gathered, is_sharded, shard_decoder_layers, shard_module
+from salsa_lightning.distributed import (
+    FSDPSpec,
+    full_state_dict,
+    gathered,
+    is_sharded,
+    shard_decoder_layers,
+    shard_module,
+)
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import (
-    ModelSpec,
     adapter_base,
     enable_gradient_checkpointing,
     is_adapter_dir,
@@ -34,16 +43,39 @@ from salsa_lightning.models.loading import (
     resolve_model_path,
 )
 from salsa_lightning.models.quantization import is_quantized
-from salsa_lightning.reward.model import load_reward_model, sequence_scores, token_scores, unwrap
-from salsa_lightning.rl.sequences import last_token_index
+from salsa_lightning.models.spec import ModelSpec
+from salsa_lightning.ppo.anchors import InMemorySoup
+from salsa_lightning.reward.model import load_reward_model, module_output, sequence_scores, token_scores, unwrap
+from salsa_lightning.rl.sequences import gather_last, position_ids_from_mask
+
+POLICY = "policy"  # the name `Stack.logits` knows the trained policy by; every other name is an anchor
 
 
-@dataclass(frozen=True)
-class InMemorySoup:
-    """A soup anchor built at start-up from seed outputs and weights by the soup API (no soup stage run)."""
+class Stack(Protocol):
+    """Everything PPO runs a forward pass through. `ids`, `mask`, `pos`: (B, L) `[prompt | response]` tokens, their
+    attention mask and position ids."""
 
-    inputs: tuple[str, ...]
-    weights: tuple[float, ...] | None = None
+    layout: str  # "full" or "lora": what the stage output holds
+
+    def generate(self, **generate_kwargs) -> torch.Tensor:
+        """The policy's `generate` (sharded: with its layers gathered for the whole call)."""
+
+    def logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:
+        """(B, keep, V) logits of the policy (`name="policy"`) or of the anchor `name`, for the last `keep`
+        positions (0 = all): PPO needs only the response's, and the prompt's vocabulary projection would be the
+        largest tensor of the step."""
+
+    def reward_scores(self, ids, mask) -> torch.Tensor:
+        """(B,) reward at each row's last real token."""
+
+    def values(self, ids, mask, pos) -> torch.Tensor:
+        """(B, L) critic values at every position."""
+
+    def gather_policy(self) -> dict[str, torch.Tensor] | None:
+        """The policy's unsharded weights (a collective under FSDP: every rank calls it), or None unsharded."""
+
+    def save_policy(self, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        """Write the policy into `directory` as plain transformers/PEFT load it (full weights, or the adapter)."""
 
 
 def _backbone(model):
@@ -53,15 +85,9 @@ def _backbone(model):
 
 
 def _hidden(model, ids, mask, pos) -> torch.Tensor:
-    """The trunk's last hidden state (B, T, H), read by a hook during the model's own forward (so that FSDP's
-    root gathers the embeddings); `logits_to_keep=1` skips the vocabulary projection of all but one position."""
-    captured: list[torch.Tensor] = []
-    handle = _backbone(model).register_forward_hook(lambda module, args, out: captured.append(out[0]))
-    try:
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return captured[-1]
+    """The trunk's last hidden state (B, T, H); `logits_to_keep=1` skips the vocabulary projection of all but one
+    position."""
+    return module_output(model, _backbone(model), ids, mask, pos, logits_to_keep=1)[0]
 
 
 def _generation_context(model, spec: FSDPSpec | None):
@@ -71,14 +97,9 @@ def _generation_context(model, spec: FSDPSpec | None):
     return contextlib.nullcontext()
 
 
-def _last_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    idx = last_token_index(mask).clamp(min=0)  # (B,)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
-
-
 def _merged_causal_lm(path: str, spec: ModelSpec, trainable: bool):
     """A full-weight causal LM from a full directory or an adapter (merged into its base)."""
-    model = load_causal_lm(ModelSpec(**{**spec.__dict__, "name_or_path": path, "lora": None}), trainable=trainable)
+    model = load_causal_lm(replace(spec, name_or_path=path, lora=None), trainable=trainable)
     if is_adapter_dir(resolve_model_path(path)):
         model = model.merge_and_unload()
         model.requires_grad_(trainable)
@@ -154,25 +175,19 @@ class FullStack(nn.Module):
                                  missing_ok=lambda name: name.endswith("score.weight"), num_labels=1)  # fmt: skip
             _set_pad(model, pad)
             return model
-        model_spec = ModelSpec(**{**spec.__dict__, "name_or_path": path, "lora": None})
-        return _merge_if_peft(load_reward_model(model_spec, trainable=False, pad_token_id=pad))
+        model = load_reward_model(replace(spec, name_or_path=path, lora=None), trainable=False, pad_token_id=pad)
+        return _merge_if_peft(model)
 
     def generate(self, **kwargs) -> torch.Tensor:
         with _generation_context(self.policy, self.fsdp):
             return self.policy.generate(**kwargs)
 
-    def policy_logits(self, ids, mask, pos, keep: int = 0) -> torch.Tensor:
-        """Logits of the last `keep` positions (0 = all): PPO needs only the response's, and the vocabulary
-        projection of the prompt would be the largest tensor of the step."""
-        return self.policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                           logits_to_keep=keep).logits  # fmt: skip
-
-    def anchor_logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:
-        return self.anchors[name](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                                  logits_to_keep=keep).logits  # fmt: skip
+    def logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:
+        model = self.policy if name == POLICY else self.anchors[name]
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=keep).logits
 
     def reward_scores(self, ids, mask) -> torch.Tensor:
-        return sequence_scores(self.reward, ids, mask, _positions(mask))
+        return sequence_scores(self.reward, ids, mask, position_ids_from_mask(mask))
 
     def values(self, ids, mask, pos) -> torch.Tensor:
         return token_scores(self.value, ids, mask, pos)  # (B, L)
@@ -189,20 +204,19 @@ class FullStack(nn.Module):
                 shard_decoder_layers(model, device_mesh, spec)
         self.fsdp = spec
 
-    def policy_to_save(self):
-        return self.policy
+    def gather_policy(self) -> dict[str, torch.Tensor] | None:
+        return full_state_dict(self.policy)
+
+    def save_policy(self, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        self.policy.save_pretrained(
+            directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {})
+        )
 
 
 def _merge_if_peft(model):
     from peft import PeftModel
 
     return model.merge_and_unload() if isinstance(model, PeftModel) else model
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    from salsa_lightning.rl.sequences import position_ids_from_mask
-
-    return position_ids_from_mask(mask)
 
 
 class LoraStack(nn.Module):
@@ -260,7 +274,7 @@ class LoraStack(nn.Module):
         self.model = PeftModel.from_pretrained(
             base, resolve_model_path(policy_init), adapter_name="policy", is_trainable=True
         )
-        self._record("policy", policy_init)
+        self._record(POLICY, policy_init)
         for name, path in anchors.items():
             if isinstance(path, InMemorySoup):
                 self._add_soup_adapter(name, path)
@@ -337,33 +351,38 @@ class LoraStack(nn.Module):
             self._set_flags()
 
     def generate(self, **kwargs) -> torch.Tensor:
-        self._use("policy")
+        self._use(POLICY)
         with _generation_context(unwrap(self.model), self.fsdp):
             return self.model.generate(**kwargs)
 
-    def policy_logits(self, ids, mask, pos, keep: int = 0) -> torch.Tensor:
-        """Logits of the last `keep` positions (0 = all), as `FullStack.policy_logits`."""
-        self._use("policy")
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                          logits_to_keep=keep).logits  # fmt: skip
-
-    def anchor_logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:
+    def logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:
         self._use(name)
         return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
                           logits_to_keep=keep).logits  # fmt: skip
 
     def reward_scores(self, ids, mask) -> torch.Tensor:
         self._use("reward")
-        hidden = _hidden(self.model, ids, mask, _positions(mask))
-        return self.reward_head(_last_hidden(hidden, mask).to(self.reward_head.weight.dtype)).squeeze(-1).float()
+        hidden = gather_last(_hidden(self.model, ids, mask, position_ids_from_mask(mask)), mask)  # (B, H)
+        return self.reward_head(hidden.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
     def values(self, ids, mask, pos) -> torch.Tensor:
         self._use("value")
         return self.value_head(_hidden(self.model, ids, mask, pos).to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def policy_to_save(self):
-        self._use("policy")
-        return self.model
+    def gather_policy(self) -> dict[str, torch.Tensor] | None:
+        self._use(POLICY)
+        return full_state_dict(self.model)
+
+    def save_policy(self, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        """Only the `policy` adapter, as a plain adapter directory: PEFT writes a non-default adapter into a
+        sub-folder named after it, so it is written aside and lifted to the top."""
+        gathered_weights = {"state_dict": state_dict} if state_dict is not None else {}
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            self.model.save_pretrained(tmp, selected_adapters=[POLICY], safe_serialization=True, **gathered_weights)
+            src = Path(tmp) / POLICY if (Path(tmp) / POLICY).is_dir() else Path(tmp)
+            for f in src.iterdir():
+                if f.is_file():
+                    shutil.move(str(f), Path(directory) / f.name)
 
     def shard(self, device_mesh, spec: FSDPSpec) -> None:
         """FSDP2: the shared base (with every adapter) sharded per decoder layer; its root is the transformers model
@@ -399,11 +418,14 @@ def build_stack(
     layout: str,
     spec: ModelSpec,
     policy_init: str,
-    anchors: dict[str, str],
+    anchors: dict[str, str | InMemorySoup],
     reward: str | None,
     value_head: str,
     sharding: tuple[Any, FSDPSpec] | None = None,
-):
+) -> Stack:
+    """The stack for `layout` (`auto`: lora when every model is an adapter), sharded per decoder layer when
+    `sharding` = (device mesh, FSDPSpec) is given, in eval mode (no dropout: rollout and update log-probs must come
+    from the same function)."""
     if layout == "auto":
         adapters = [policy_init, *([reward] if reward else [])]
         for anchor in anchors.values():
@@ -413,5 +435,14 @@ def build_stack(
         from salsa_lightning.models.quantization import refuse_full_weights
 
         refuse_full_weights(spec, "PPO's full layout (separate full-weight models)")
-        return FullStack(spec, policy_init, anchors, reward, value_head, sharding)
-    return LoraStack(spec, policy_init, anchors, reward, value_head, sharding)
+    # PEFT draws random initial LoRA weights before loading saved ones; fork the RNG so that which anchors are
+    # loaded never changes the rollouts (PPO and SALSA runs then share sampling noise)
+    with torch.random.fork_rng(devices=[]):
+        cls = FullStack if layout == "full" else LoraStack
+        stack = cls(spec, policy_init, anchors, reward, value_head, sharding)
+    if sharding is not None:
+        stack.shard(*sharding)
+    return stack.eval()
+
+
+__all__ = ["POLICY", "FullStack", "LoraStack", "Stack", "build_stack"]

@@ -43,19 +43,26 @@ def unwrap(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None) -> torch.Tensor:
-    """The `score` head at every position (B, T), float32.
+def module_output(model, module, input_ids, attention_mask, position_ids=None, **forward_kwargs):
+    """What `module` (a part of `model`: its trunk, its score head) returns during `model`'s own forward, read by a
+    forward hook.
 
-    Runs the model's own forward (through any PEFT wrapper) and reads the head's per-token output with a hook,
-    rather than calling the backbone and head one by one: under FSDP the root module's forward is what gathers
-    the embeddings, final norm and head, and registers their gradient reduction."""
-    captured: list[torch.Tensor] = []
-    handle = unwrap(model).score.register_forward_hook(lambda module, args, out: captured.append(out))
+    Runs the whole model's forward (through any PEFT wrapper) rather than calling its parts one by one: under FSDP
+    the root module's forward is what gathers the embeddings, final norm and head, and registers their gradient
+    reduction."""
+    captured: list = []
+    handle = module.register_forward_hook(lambda mod, args, out: captured.append(out))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              **forward_kwargs)  # fmt: skip
     finally:
         handle.remove()
-    return captured[-1].squeeze(-1).float()  # (B, T)
+    return captured[-1]
+
+
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None) -> torch.Tensor:
+    """The `score` head at every position (B, T), float32."""
+    return module_output(model, unwrap(model).score, input_ids, attention_mask, position_ids).squeeze(-1).float()
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None) -> torch.Tensor:
@@ -126,9 +133,31 @@ def _set_pad(model, pad_token_id: int | None) -> None:
 
 
 def reward_stats(path: str | Path) -> dict | None:
-    """The training-set reward mean/std a reward stage stored (PPO can normalise with them)."""
-    manifest = read_manifest(path) or {}
-    return manifest.get("reward_stats")
+    """The training-set reward mean/std a reward stage stored (PPO and evaluation normalise with them), checked
+    once here so that normalising never divides by zero; None when the output has none."""
+    import math
+
+    stats = (read_manifest(path) or {}).get("reward_stats")
+    if stats and not (math.isfinite(stats.get("std", float("nan"))) and stats["std"] > 0):
+        raise SalsaError(
+            f"The reward stats in {path} have std {stats.get('std')!r} (must be a finite number > 0); re-run the "
+            "reward stage, or turn normalisation off."
+        )
+    return stats
 
 
-__all__ = ["load_reward_model", "sequence_scores", "token_scores", "reward_stats", "unwrap"]
+def reward_max_length(path: str | Path, default: int = 1024) -> int:
+    """How many tokens the reward stage saw per sequence (it truncates from the left): scoring elsewhere must cut
+    the same way, or the model is read on inputs it never saw. Older outputs lack the field: `default`."""
+    return int((read_manifest(path) or {}).get("max_length") or default)
+
+
+__all__ = [
+    "load_reward_model",
+    "module_output",
+    "reward_max_length",
+    "reward_stats",
+    "sequence_scores",
+    "token_scores",
+    "unwrap",
+]

@@ -1,4 +1,6 @@
-"""The scoring API used by PPO and evaluation: `RewardScorer.score(prompts, responses) -> (N,) tensor`."""
+"""The one reward-scoring path, used by PPO and evaluation: a prompt and a response rendered with the chat template
+and truncated from the left exactly as the reward stage trained (`encode_for_reward`), scored at the last real
+token, optionally normalised with the reward stage's training-set statistics."""
 
 from __future__ import annotations
 
@@ -7,9 +9,22 @@ from collections.abc import Sequence
 import torch
 
 from salsa_lightning.data.chat import Messages, conversation, encode_left_truncated
-from salsa_lightning.data.collate import pad_sequences
+from salsa_lightning.data.collate import pad_with_mask
+from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import ModelSpec, load_tokenizer
-from salsa_lightning.reward.model import load_reward_model, reward_stats, sequence_scores
+from salsa_lightning.reward.model import load_reward_model, reward_max_length, reward_stats, sequence_scores
+from salsa_lightning.rl.rewards import normalize_scores
+
+
+def encode_for_reward(
+    tokenizer, prompts: Sequence[str | Messages], responses: Sequence[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (B, T) and right-padded: each conversation rendered and left-truncated to `max_length`
+    tokens, as `PreferenceDataModule` encodes the reward stage's training pairs."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    seqs = [encode_left_truncated(tokenizer, conversation(p, r), max_length)[0] for p, r in zip(prompts, responses)]
+    return pad_with_mask(seqs, tokenizer.pad_token_id)
 
 
 class RewardScorer:
@@ -30,29 +45,22 @@ class RewardScorer:
         model = load_reward_model(spec, trainable=False, pad_token_id=tokenizer.pad_token_id)
         if device is not None:
             model.to(device)
+        kwargs.setdefault("max_length", reward_max_length(path))
         return cls(model, tokenizer, stats=reward_stats(path), **kwargs)
 
     @torch.no_grad()
     def score(
         self, prompts: Sequence[str | Messages], responses: Sequence[str], normalize: bool = False
     ) -> torch.Tensor:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if normalize and not self.stats:
+            raise SalsaError("Reward normalisation needs the reward stage's stats; re-run the reward stage.")
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(prompts), self.batch_size):
-            seqs = [
-                encode_left_truncated(self.tokenizer, conversation(p, r), self.max_length)[0]
-                for p, r in zip(prompts[start : start + self.batch_size], responses[start : start + self.batch_size])
-            ]
-            ids = pad_sequences(seqs, self.tokenizer.pad_token_id).to(device)  # (b, T)
-            mask = pad_sequences([[1] * len(s) for s in seqs], 0).to(device)  # (b, T)
-            out.append(sequence_scores(self.model, ids, mask).cpu())
+            end = start + self.batch_size
+            ids, mask = encode_for_reward(self.tokenizer, prompts[start:end], responses[start:end], self.max_length)
+            out.append(sequence_scores(self.model, ids.to(device), mask.to(device)).cpu())
         scores = torch.cat(out) if out else torch.empty(0)
         if normalize:
-            if not self.stats:
-                from salsa_lightning.errors import SalsaError
-
-                raise SalsaError("Reward normalisation needs the reward stage's stats; re-run the reward stage.")
-            scores = (scores - self.stats["mean"]) / max(self.stats["std"], 1e-6)
+            scores = normalize_scores(scores, self.stats["mean"], self.stats["std"])
         return scores

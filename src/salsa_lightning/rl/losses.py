@@ -19,11 +19,12 @@ sees it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from salsa_lightning.rl.masked import masked_fill_pad, masked_mean, masked_var
+from salsa_lightning.rl.masked import masked_fill_pad, masked_mean, masked_moments, masked_var, mean_var_from_moments
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,22 @@ def value_loss(
 
 
 @torch.no_grad()
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def explained_variance(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """1 - Var[G - V] / Var[G] over real tokens (scalar; NaN when Var[G] = 0, as in CleanRL).
 
     1 means the critic predicts the returns perfectly, 0 no better than a constant, < 0 worse.
+    `all_reduce` (data-parallel runs): sums `masked_moments` over processes, so that the variances are those of
+    the global batch (a ratio of variances is not the mean of the ranks' ratios).
     """
-    var_g = masked_var(returns, mask, unbiased=False)
-    var_err = masked_var(returns - values, mask, unbiased=False)
+    if all_reduce is None:
+        var_g = masked_var(returns, mask, unbiased=False)
+        var_err = masked_var(returns - values, mask, unbiased=False)
+    else:
+        moments = all_reduce(torch.stack([masked_moments(returns, mask), masked_moments(returns - values, mask)]))
+        var_g, var_err = (mean_var_from_moments(m, unbiased=False)[1].float() for m in moments)
     return torch.where(var_g > 0, 1.0 - var_err / var_g, torch.full_like(var_g, float("nan")))

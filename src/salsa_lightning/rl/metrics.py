@@ -8,10 +8,12 @@ values are detached 0-dim tensors; the module logs them without a host sync per 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from salsa_lightning.rl.losses import PolicyLossOutput, ValueLossOutput
-from salsa_lightning.rl.masked import masked_sum
+from salsa_lightning.rl.masked import masked_moments, masked_sum, mean_var_from_moments
 from salsa_lightning.rl.rewards import ShapedRewards
 
 
@@ -24,6 +26,7 @@ def rollout_metrics(
     has_eos: torch.Tensor,
     entropy: torch.Tensor | None = None,
     named_kls: dict[str, torch.Tensor] | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Statistics of one rollout batch.
 
@@ -36,6 +39,9 @@ def rollout_metrics(
     Keys: `objective/kl`, `objective/kl_<name>`, `objective/scores`, `objective/scores_std`,
     `objective/non_score_reward`, `objective/rlhf_reward`, `objective/entropy`, `response_length`,
     `val/num_eos_tokens` (number of responses that ended with EOS).
+
+    `all_reduce` (data-parallel runs): sums `masked_moments` over processes, so that `objective/scores_std` is the
+    global batch's std (the other keys are per-rank means and counts; the caller averages or sums them).
     """
     non_score = masked_sum(shaped.non_score_rewards, mask, dim=1)  # (B,)
     scores = scores.float()
@@ -43,7 +49,11 @@ def rollout_metrics(
     for name, value in (named_kls or {}).items():
         out[f"objective/kl_{name}"] = masked_sum(value, mask, dim=1).mean()
     out["objective/scores"] = scores.mean()
-    out["objective/scores_std"] = scores.std(unbiased=False)
+    if all_reduce is None:
+        out["objective/scores_std"] = scores.std(unbiased=False)
+    else:
+        moments = all_reduce(masked_moments(scores, torch.ones_like(scores, dtype=torch.bool)))
+        out["objective/scores_std"] = mean_var_from_moments(moments, unbiased=False)[1].sqrt().float()
     out["objective/non_score_reward"] = non_score.mean()
     out["objective/rlhf_reward"] = (scores + non_score).mean()
     if entropy is not None:

@@ -31,11 +31,11 @@ class KLHackMonitor:
     def __init__(self, min_fraction: float = 0.25, reference_updates: int = 1, patience: int = 1) -> None:
         if not 0 < min_fraction < 1:
             raise SalsaError(
-                f"The KL-hack length fraction must be in (0, 1) (got {min_fraction}); set `min_length_fraction` to e.g. 0.25."
+                f"The KL-hack length fraction must be in (0, 1) (got {min_fraction}); set `model.kl_hack.min_fraction` to e.g. 0.25."
             )
         if reference_updates < 1 or patience < 1:
             raise SalsaError(
-                f"KL-hack `reference_updates` and `patience` must be >= 1 (got {reference_updates} and {patience}); set each to 1 or more."
+                f"The KL-hack monitor's reference_updates and patience must be >= 1 (got {reference_updates} and {patience}); set `model.kl_hack.patience` to 1 or more."
             )
         self.min_fraction = float(min_fraction)
         self.reference_updates = int(reference_updates)

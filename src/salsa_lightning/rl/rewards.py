@@ -48,8 +48,7 @@ def shape_rewards(
     `mask`: (B, T) real response tokens. A row with no real token gets no score (there is no step to
     put it on); `response_mask` gives every row at least one unless `max_new_tokens` is 0.
     """
-    beta = check_kl_coef(kl_coef)
-    non_score = masked_fill_pad(-beta * kl, mask)  # (B, T)
+    non_score = masked_fill_pad(-float(kl_coef) * kl, mask)  # (B, T)
     last = last_token_index(mask)  # (B,)
     has_token = last >= 0
     rows = torch.arange(kl.shape[0], device=kl.device)[has_token]
@@ -66,15 +65,10 @@ def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penal
     """
     if penalty is None:
         return scores
-    if not penalty >= 0:
-        raise SalsaError(f"`missing_eos_penalty` must be >= 0 (it is subtracted from the score), got {penalty}.")
     return scores - penalty * (~has_eos.bool()).to(scores.dtype)
 
 
 def normalize_scores(scores: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """`(scores - mean) / std` with the reward statistics the reward-model stage stored."""
-    if not std > 0:
-        raise SalsaError(
-            f"The stored reward std must be > 0 (got {std}); re-run the reward stage or disable normalisation."
-        )
+    """`(scores - mean) / std` with the reward statistics the reward-model stage stored (`std > 0`: checked where
+    the statistics are read, `reward.model.reward_stats`)."""
     return (scores - mean) / std

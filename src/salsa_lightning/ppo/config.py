@@ -1,0 +1,154 @@
+"""PPO's settings: one dataclass per concern, each checking its own fields once, where the config is parsed.
+
+The pure `rl/` functions then assume valid arguments and do not re-check them on every call. A bad value is
+one sentence naming the field as the user writes it (`--model.ppo.kl_coef`) and a value that works.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from salsa_lightning.errors import SalsaError
+
+
+def _check(ok: bool, field: str, value, wanted: str, example) -> None:
+    if not ok:
+        raise SalsaError(f"`{field}` must be {wanted} (got {value!r}); set it to e.g. {example}.")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@dataclass
+class GenerationSpec:
+    """Sampling settings for rollouts (transformers `generate`)."""
+
+    max_new_tokens: int = 64
+    """Longest response; a response that reaches it without EOS can be penalised (`missing_eos_penalty`)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_k: int = 0
+    """Top-k filter (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus filter (1.0 = off)."""
+    do_sample: bool = True
+    """False = greedy rollouts (deterministic; for debugging and for comparing runs, not for training)."""
+    min_new_tokens: int = 0
+    """EOS is suppressed until a response has this many tokens (0 = off)."""
+
+    def __post_init__(self) -> None:
+        f = "model.generation."
+        _check(self.max_new_tokens >= 1, f + "max_new_tokens", self.max_new_tokens, "at least 1", 64)
+        _check(_finite(self.temperature) and self.temperature > 0, f + "temperature", self.temperature, "> 0", 1.0)
+        _check(self.top_k >= 0, f + "top_k", self.top_k, ">= 0 (0 = off)", 0)
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, f + "top_p", self.top_p, "in (0, 1]", 1.0)
+        _check(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            f + "min_new_tokens",
+            self.min_new_tokens,
+            f"between 0 and max_new_tokens ({self.max_new_tokens})",
+            0,
+        )
+
+    def sampling_kwargs(self) -> dict:
+        """`generate` keyword arguments for this spec's sampling (greedy ignores the filters)."""
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k or None, "top_p": self.top_p}
+
+
+@dataclass
+class PPOSpec:
+    """PPO hyper-parameters (TRL's names where they exist)."""
+
+    ppo_epochs: int = 2
+    """Passes over each rollout batch (paper A.3: 2)."""
+    mini_batch_size: int = 4
+    """Rows per clipped update."""
+    cliprange: float = 0.2
+    """Policy ratio clip ε."""
+    cliprange_value: float = 0.2
+    """Value clip ε_v."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE λ."""
+    whiten_advantages: bool = True
+    """Whiten advantages over real tokens."""
+    kl_coef: float = 0.05
+    """Initial β (paper A.3: 0.2 for PPO, 0.01 for SALSA)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimate in the reward."""
+    kl_target: float | None = None
+    """Adaptive β toward this KL per response (Ziegler et al.); None = fixed β."""
+    kl_horizon: int = 10000
+    """Adaptive controller horizon."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response with no EOS (None = off)."""
+    normalize_reward: bool = False
+    """Normalise scores with the reward stage's training-set mean/std."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    max_nonfinite_in_a_row: int = 3
+    """Stop after this many consecutive updates with NaN/inf (skipped or cut short)."""
+
+    def __post_init__(self) -> None:
+        f = "model.ppo."
+        _check(self.ppo_epochs >= 1, f + "ppo_epochs", self.ppo_epochs, "at least 1", 2)
+        _check(self.mini_batch_size >= 1, f + "mini_batch_size", self.mini_batch_size, "at least 1", 4)
+        for name, example in (("cliprange", 0.2), ("cliprange_value", 0.2)):
+            value = getattr(self, name)
+            _check(_finite(value) and value > 0, f + name, value, "> 0", example)
+        _check(_finite(self.vf_coef) and self.vf_coef >= 0, f + "vf_coef", self.vf_coef, ">= 0", 0.1)
+        for name, example in (("gamma", 1.0), ("lam", 0.95)):
+            value = getattr(self, name)
+            _check(_finite(value) and 0 <= value <= 1, f + name, value, "in [0, 1]", example)
+        _check(
+            _finite(self.kl_coef) and self.kl_coef >= 0, f + "kl_coef", self.kl_coef, ">= 0 (β; 0 = no KL penalty)", 0.2
+        )
+        if self.kl_target is not None:
+            _check(_finite(self.kl_target) and self.kl_target > 0, f + "kl_target", self.kl_target, "> 0 or null", 6.0)
+        _check(self.kl_horizon >= 1, f + "kl_horizon", self.kl_horizon, "at least 1", 10000)
+        if self.missing_eos_penalty is not None:
+            _check(
+                _finite(self.missing_eos_penalty) and self.missing_eos_penalty >= 0,
+                f + "missing_eos_penalty",
+                self.missing_eos_penalty,
+                ">= 0 (it is subtracted from the score) or null",
+                1.0,
+            )
+        _check(
+            _finite(self.max_grad_norm) and self.max_grad_norm > 0, f + "max_grad_norm", self.max_grad_norm, "> 0", 1.0
+        )
+        _check(self.max_nonfinite_in_a_row >= 1, f + "max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, ">= 1", 3)
+
+
+@dataclass
+class KLHackSpec:
+    """Paper §A.4: with a large β the policy can shrink responses toward zero length (zero KL)."""
+
+    min_fraction: float = 0.25
+    """Alarm when the mean response length falls below this fraction of its starting value."""
+    action: Literal["warn", "stop", "off"] = "warn"
+    """Warn, or stop training."""
+    patience: int = 2
+    """Consecutive updates below the threshold before the alarm."""
+
+    def __post_init__(self) -> None:
+        f = "model.kl_hack."
+        _check(
+            _finite(self.min_fraction) and 0 < self.min_fraction < 1,
+            f + "min_fraction",
+            self.min_fraction,
+            "in (0, 1)",
+            0.25,
+        )
+        _check(self.patience >= 1, f + "patience", self.patience, "at least 1", 2)
+
+
+__all__ = ["GenerationSpec", "KLHackSpec", "PPOSpec"]

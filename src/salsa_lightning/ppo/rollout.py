@@ -1,0 +1,169 @@
+"""One rollout: sample responses from the policy, score them, and compute everything the clipped updates train on.
+
+`collect_rollout` is the first half of PPO's loop (CleanRL's "rollout phase"); it calls the pure `rl/` functions in
+the order the `rl` package docstring lists them and returns a `Rollout`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from salsa_lightning import rl
+from salsa_lightning.distributed import mean_over_ranks, sum_over_ranks, world_size
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.ppo.anchors import AnchorPlan
+from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
+from salsa_lightning.ppo.stack import POLICY, Stack
+from salsa_lightning.reward.scoring import encode_for_reward
+
+# metrics that are global statistics already (from reduced moments), or counts: not averaged over ranks
+GLOBAL_METRICS = ("objective/scores_std", "val/explained_variance")
+COUNT_METRICS = ("val/num_eos_tokens",)
+
+
+@dataclass
+class Rollout:
+    """A rollout batch: B rows of `[prompt | response]`, R response positions. Tensors are (B, L) for the whole
+    sequence and (B, R) for the response unless noted."""
+
+    ids: torch.Tensor  # (B, L) prompt and response tokens
+    mask: torch.Tensor  # (B, L) attention mask
+    pos: torch.Tensor  # (B, L) position ids (left padding does not shift them)
+    response: torch.Tensor  # (B, R) sampled tokens
+    resp_mask: torch.Tensor  # (B, R) bool, real response tokens (up to and incl. the first EOS)
+    logp: torch.Tensor  # (B, R) the policy's log-probs at sampling time (PPO's "old" log-probs)
+    values: torch.Tensor  # (B, R) critic values at sampling time
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor  # (B, R) value targets
+    scores: torch.Tensor  # (B,) scores put into the reward (after normalisation / missing-EOS penalty)
+    raw_scores: torch.Tensor  # (B,) the reward's own scores
+    texts: list[str]  # decoded responses
+    messages: list  # the prompts, as message lists
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # global-batch statistics (TRL's names)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+
+    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The minibatch `idx` of every tensor a clipped update reads (CleanRL's `mb_` tensors)."""
+        names = ("ids", "mask", "pos", "response", "resp_mask", "logp", "values", "advantages", "returns")
+        return {name: getattr(self, name)[idx] for name in names}
+
+    def finite(self) -> bool:
+        """Whether every statistic is finite (explained variance is NaN by definition for constant returns)."""
+        return all(bool(torch.isfinite(v).all()) for k, v in self.metrics.items() if k != "val/explained_variance")
+
+
+@dataclass(frozen=True)
+class RewardSource:
+    """Where scores come from: a programmatic `reward_fn`, or the stack's reward model on conversations encoded as
+    the reward stage trained (left-truncated to `max_length`), optionally normalised with its training-set `stats`."""
+
+    reward_fn: Callable[[list, list[str]], list[float]] | None = None
+    max_length: int = 1024
+    stats: dict | None = None
+
+    def score(self, stack: Stack, tokenizer, messages: list, texts: list[str], device) -> torch.Tensor:
+        if self.reward_fn is not None:
+            return torch.tensor([float(x) for x in self.reward_fn(messages, texts)], device=device)
+        ids, mask = encode_for_reward(tokenizer, messages, texts, self.max_length)
+        scores = stack.reward_scores(ids.to(device), mask.to(device))
+        if self.stats is not None:
+            scores = rl.normalize_scores(scores, self.stats["mean"], self.stats["std"])
+        return scores
+
+
+def import_reward_fn(ref: str) -> Callable:
+    """`package.module:function` -> the function, or one sentence saying what is wrong with `ref`."""
+    module, _, name = ref.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise SalsaError(f"Cannot import reward_fn {ref!r} ({err}); give it as `package.module:function`.") from err
+    if not callable(fn):
+        raise SalsaError(f"reward_fn {ref!r} is not callable; point it at a function.")
+    return fn
+
+
+def response_logprobs(stack: Stack, name: str, ids, mask, pos, response, temperature: float) -> torch.Tensor:
+    """(B, R) log-probs of `response` under the policy or anchor `name` (only the response's logits computed)."""
+    keep = response.shape[1] + 1  # the positions that predict the response (and one spare the slicing drops)
+    logits = stack.logits(name, ids, mask, pos, keep)
+    return rl.logprobs_from_logits(rl.response_logits(logits, response.shape[1]), response, temperature)
+
+
+@torch.no_grad()
+def collect_rollout(
+    stack: Stack,
+    batch: dict[str, Any],
+    tokenizer,
+    gen: GenerationSpec,
+    ppo: PPOSpec,
+    plan: AnchorPlan,
+    rewards: RewardSource,
+    kl_coef: float,
+) -> Rollout:
+    timings: dict[str, float] = {}
+    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    t0 = time.perf_counter()
+    out = stack.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=gen.max_new_tokens,
+        min_new_tokens=gen.min_new_tokens or None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        # sharded: every rank must run every forward (each gathers layers from all), so ranks that finish
+        # early keep stepping until the slowest one is done
+        synced_gpus=world_size() > 1 and getattr(stack, "fsdp", None) is not None,
+        **gen.sampling_kwargs(),
+    )
+    timings["time/generate"] = time.perf_counter() - t0
+    response = out[:, prompt_ids.shape[1] :]  # (B, R)
+    resp_mask = rl.response_mask(response, tokenizer.eos_token_id)  # (B, R) bool
+    has_eos = rl.contains_eos(response, tokenizer.eos_token_id, resp_mask)  # (B,)
+
+    t0 = time.perf_counter()
+    texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(response, resp_mask)]
+    raw_scores = rewards.score(stack, tokenizer, batch["messages"], texts, prompt_ids.device)  # (B,)
+    timings["time/score"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ids = torch.cat([prompt_ids, response], dim=1)  # (B, L)
+    mask = torch.cat([prompt_mask, resp_mask.long()], dim=1)  # (B, L)
+    pos = rl.position_ids_from_mask(mask)  # (B, L)
+    T = gen.temperature
+    logits = stack.logits(POLICY, ids, mask, pos, response.shape[1] + 1)  # (B, R+1, V)
+    logp = rl.logprobs_from_logits(rl.response_logits(logits, response.shape[1]), response, T)  # (B, R)
+    entropy = rl.entropy_from_logits(rl.response_logits(logits, response.shape[1]), T)  # (B, R)
+    del logits
+    anchor_logp = {name: response_logprobs(stack, name, ids, mask, pos, response, T) for name in plan.paths}
+    values = rl.response_logits(stack.values(ids, mask, pos), response.shape[1])  # (B, R)
+    timings["time/forward"] = time.perf_counter() - t0
+
+    if len(plan.names) == 1:
+        kl = rl.kl_penalty(logp, anchor_logp[plan.names[0]], ppo.kl_estimator)  # (B, R)
+    else:
+        kl = rl.multi_anchor_kl(logp, torch.stack([anchor_logp[n] for n in plan.names]), ppo.kl_estimator)
+    named_kls = {n: rl.kl_penalty(logp, anchor_logp[n], ppo.kl_estimator) for n in plan.logged}
+    scores = rl.apply_missing_eos_penalty(raw_scores, has_eos, ppo.missing_eos_penalty)
+    shaped = rl.shape_rewards(scores, kl, resp_mask, kl_coef)
+    all_reduce = sum_over_ranks if world_size() > 1 else None
+    gae = rl.compute_gae(
+        shaped.rewards, values, resp_mask, ppo.gamma, ppo.lam, whiten=ppo.whiten_advantages, all_reduce=all_reduce
+    )
+    metrics = rl.rollout_metrics(scores, shaped, kl, resp_mask, has_eos, entropy, named_kls, all_reduce=all_reduce)
+    metrics["val/explained_variance"] = rl.explained_variance(values, gae.returns, resp_mask, all_reduce=all_reduce)
+    metrics = mean_over_ranks(metrics, counts=COUNT_METRICS, exact=GLOBAL_METRICS)
+    return Rollout(
+        ids=ids, mask=mask, pos=pos, response=response, resp_mask=resp_mask, logp=logp, values=values,
+        advantages=gae.advantages, returns=gae.returns, scores=scores, raw_scores=raw_scores, texts=texts,
+        messages=batch["messages"], metrics=metrics, timings=timings,
+    )  # fmt: skip
+
+
+__all__ = ["Rollout", "RewardSource", "collect_rollout", "import_reward_fn", "response_logprobs"]

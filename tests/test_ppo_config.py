@@ -1,0 +1,79 @@
+"""PPO's settings check themselves once, when parsed, naming the field as the user writes it; the run-length
+arithmetic that sizes the learning-rate schedule."""
+
+from __future__ import annotations
+
+import pytest
+
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec
+from salsa_lightning.ppo.schedule import optimizer_steps_per_rollout, rollouts_in_run
+
+
+@pytest.mark.parametrize(
+    "spec,field",
+    [
+        (lambda: PPOSpec(ppo_epochs=0), "model.ppo.ppo_epochs"),
+        (lambda: PPOSpec(mini_batch_size=0), "model.ppo.mini_batch_size"),
+        (lambda: PPOSpec(kl_coef=-0.1), "model.ppo.kl_coef"),
+        (lambda: PPOSpec(kl_coef=float("nan")), "model.ppo.kl_coef"),
+        (lambda: PPOSpec(cliprange=0.0), "model.ppo.cliprange"),
+        (lambda: PPOSpec(lam=1.5), "model.ppo.lam"),
+        (lambda: PPOSpec(kl_target=0.0), "model.ppo.kl_target"),
+        (lambda: PPOSpec(missing_eos_penalty=-1.0), "model.ppo.missing_eos_penalty"),
+        (lambda: PPOSpec(max_grad_norm=0.0), "model.ppo.max_grad_norm"),
+        (lambda: GenerationSpec(max_new_tokens=0), "model.generation.max_new_tokens"),
+        (lambda: GenerationSpec(temperature=0.0), "model.generation.temperature"),
+        (lambda: GenerationSpec(top_p=0.0), "model.generation.top_p"),
+        (lambda: GenerationSpec(max_new_tokens=4, min_new_tokens=5), "model.generation.min_new_tokens"),
+        (lambda: KLHackSpec(min_fraction=1.5), "model.kl_hack.min_fraction"),
+        (lambda: KLHackSpec(min_fraction=0.0), "model.kl_hack.min_fraction"),
+        (lambda: KLHackSpec(patience=0), "model.kl_hack.patience"),
+    ],
+)
+def test_bad_values_name_the_field_and_a_fix(spec, field):
+    with pytest.raises(SalsaError, match="set it to e.g.") as err:
+        spec()
+    assert f"`{field}`" in str(err.value)
+    assert "min_length_fraction" not in str(err.value) and "reference_updates" not in str(err.value)
+
+
+def test_defaults_are_valid_and_sampling_kwargs_follow_do_sample():
+    PPOSpec(), KLHackSpec()
+    assert GenerationSpec(top_k=5).sampling_kwargs() == {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 5,
+        "top_p": 1.0,
+    }
+    assert GenerationSpec(do_sample=False, temperature=0.7).sampling_kwargs() == {"do_sample": False}
+
+
+def test_optimizer_steps_per_rollout():
+    assert optimizer_steps_per_rollout(8, ppo_epochs=2, mini_batch_size=4) == 4
+    assert optimizer_steps_per_rollout(5, ppo_epochs=2, mini_batch_size=4) == 4  # minibatches of 4 and 1
+    assert optimizer_steps_per_rollout(3, ppo_epochs=1, mini_batch_size=4) == 1  # mb = min(4, 3)
+
+
+def naive_rollouts(batch_rows, max_epochs, max_steps, ppo_epochs, mb):
+    """Play the run: Lightning checks both limits after every training step (one rollout)."""
+    rollouts = steps = 0
+    epoch = 0
+    while max_epochs in (None, -1) or epoch < max_epochs:
+        for rows in batch_rows:
+            rollouts += 1
+            steps += optimizer_steps_per_rollout(rows, ppo_epochs, mb)
+            if max_steps not in (None, -1) and steps >= max_steps:
+                return rollouts
+        epoch += 1
+    return rollouts
+
+
+@pytest.mark.parametrize("batch_rows", [[8], [8, 8, 8], [8, 8, 3]])
+@pytest.mark.parametrize("max_epochs", [1, 2, 5, -1])
+@pytest.mark.parametrize("max_steps", [1, 4, 5, 8, 17, 40, -1])
+def test_rollouts_in_run_matches_playing_the_run(batch_rows, max_epochs, max_steps):
+    if max_epochs == -1 and max_steps == -1:
+        return  # Lightning sets max_epochs=1000 itself then
+    expected = naive_rollouts(batch_rows, max_epochs, max_steps, ppo_epochs=2, mb=4)
+    assert rollouts_in_run(batch_rows, max_epochs, max_steps, ppo_epochs=2, mini_batch_size=4) == expected
