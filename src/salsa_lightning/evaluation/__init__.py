@@ -7,6 +7,7 @@ means (gold score, reward, length, KL to references) and the reward distribution
 - `generation`: batched greedy generation and log-probs of stored responses;
 - `kl`: per-response KL of a policy to a reference on the policy's own responses;
 - `report`: Rich / CSV / Markdown tables and the distribution plot;
+- `llm_judge`: the `llm` judge — pairwise verdicts from a chat model over an OpenAI-compatible endpoint;
 - `run`: `run_evaluate(EvalConfig)`, the stage itself.
 """
 

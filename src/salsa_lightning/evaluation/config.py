@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Judge = Literal["gold", "reward"]
+from salsa_lightning.evaluation.llm_judge import LLMJudgeSpec
+
+Judge = Literal["gold", "reward", "llm"]
 
 
 @dataclass
@@ -19,11 +21,14 @@ class EvalConfig:
     eval_files: dict[str, str] = field(default_factory=dict)
     """Split name -> JSONL of prompts (`prompt` string/messages, or `messages`), e.g. {id: .../eval_id.jsonl}."""
     judges: list[Judge] = field(default_factory=lambda: ["gold"])
-    """`gold`: the task suite's programmatic judge; `reward`: the reward model's scores (a tie within a margin)."""
+    """`gold`: the task suite's programmatic judge; `reward`: the reward model's scores (a tie within a margin);
+    `llm`: a chat model over an OpenAI-compatible endpoint (`llm_judge`), both orders asked (a tie when they disagree)."""
     reward_model: str | None = None
     """Reward stage output: needed by the `reward` judge; also gives each system's mean reward and the plot."""
     reward_tie_margin: float = 0.0
     """The reward judge calls a tie when the two responses' rewards differ by at most this much (raw reward units)."""
+    llm_judge: LLMJudgeSpec | None = None
+    """The `llm` judge's endpoint, model, key variable and prompt template (needed when `judges` lists llm)."""
     max_new_tokens: int = 128
     """Longest response; one that reaches it without an end-of-turn token is cut there."""
     max_prompt_length: int = 512

@@ -3,7 +3,7 @@
 Inputs are the plain records `run_evaluate` puts in results.json:
 
 - a pair record: {judge, split, a, b, wins, losses, ties, n, win_rate, win_rate_ci, adjusted_win_rate,
-  adjusted_win_rate_ci};
+  adjusted_win_rate_ci}, and for the llm judge {unparseable, failed}: prompts left out of n;
 - a system record: {system, split, n, gold_score, reward, length, finished, kl: {reference: value}}.
 """
 
@@ -20,6 +20,7 @@ from rich.table import Table
 PAIR_COLUMNS = [
     "judge", "split", "system_a", "system_b", "wins", "losses", "ties", "n",
     "win_rate", "win_rate_lo", "win_rate_hi", "adjusted_win_rate", "adjusted_win_rate_lo", "adjusted_win_rate_hi",
+    "unparseable", "failed",
 ]  # fmt: skip
 
 
@@ -48,21 +49,27 @@ def write_win_rates_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
                 r["judge"], r["split"], r["a"], r["b"], r["wins"], r["losses"], r["ties"], r["n"],
                 f"{r['win_rate']:.4f}", f"{r['win_rate_ci'][0]:.4f}", f"{r['win_rate_ci'][1]:.4f}",
                 f"{r['adjusted_win_rate']:.4f}", f"{r['adjusted_win_rate_ci'][0]:.4f}",
-                f"{r['adjusted_win_rate_ci'][1]:.4f}",
+                f"{r['adjusted_win_rate_ci'][1]:.4f}", r.get("unparseable", ""), r.get("failed", ""),
             ])  # fmt: skip
 
 
-def win_rates_markdown(records: Sequence[dict[str, Any]], confidence: float = 0.95) -> str:
+def win_rates_markdown(
+    records: Sequence[dict[str, Any]], confidence: float = 0.95, notes: dict[str, str] | None = None
+) -> str:
     """One table per judge in the layout of the paper's Tables 2–4, transposed to one row per pair: for each
-    split, Win / Loss / Tie, Win Rate and Adj. Win Rate (×100), each rate with its bootstrap interval."""
+    split, Win / Loss / Tie, Win Rate and Adj. Win Rate (×100), each rate with its bootstrap interval; for a
+    judge whose records count prompts left out (the llm judge), Unparseable and Failed too. `notes`: judge ->
+    a line printed under its table."""
     lines = []
     for judge in dict.fromkeys(r["judge"] for r in records):
         rows = [r for r in records if r["judge"] == judge]
         splits = _splits(rows)
+        left_out = any("unparseable" in r for r in rows)
         lines.append(f"### Judge: {judge}\n")
         header = ["Comparison"]
         for s in splits:
             header += [f"{s} Win", f"{s} Loss", f"{s} Tie", f"{s} Win Rate", f"{s} Adj. Win Rate"]
+            header += [f"{s} Unparseable", f"{s} Failed"] if left_out else []
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|---|" + "---:|" * (len(header) - 1))
         by_key = {(r["a"], r["b"], r["split"]): r for r in rows}
@@ -77,8 +84,11 @@ def win_rates_markdown(records: Sequence[dict[str, Any]], confidence: float = 0.
                     f"{r['win_rate']:.2f} {_ci(r['win_rate_ci'])}",
                     f"{r['adjusted_win_rate']:.2f} {_ci(r['adjusted_win_rate_ci'])}",
                 ]
+                cells += [str(r.get("unparseable", 0)), str(r.get("failed", 0))] if left_out else []
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if notes and judge in notes:
+            lines += [notes[judge], ""]
     lines.append(
         f"Rates are ×100 from the first system's side; [lo, hi] is a {confidence:.0%} bootstrap interval over prompts. "
         "Adj. Win Rate = (wins + ties/2) / n."
@@ -97,6 +107,9 @@ def win_rates_table(records: Sequence[dict[str, Any]]) -> Table:
     table.add_column("win rate", justify="right")
     table.add_column("adj. win rate", justify="right")
     table.add_column("95% CI", justify="right", no_wrap=True)
+    left_out = any("unparseable" in r for r in records)
+    if left_out:
+        table.add_column("unparsed/failed", justify="right")
     for r in records:
         table.add_row(
             r["judge"],
@@ -106,6 +119,7 @@ def win_rates_table(records: Sequence[dict[str, Any]]) -> Table:
             f"{r['win_rate']:.2f}",
             f"[bold]{r['adjusted_win_rate']:.2f}[/]",
             _ci(r["adjusted_win_rate_ci"]),
+            *([f"{r['unparseable']}/{r['failed']}" if "unparseable" in r else ""] if left_out else []),
         )
     return table
 

@@ -3,13 +3,15 @@
 Order of work, so that the expensive part runs once and a mistake is found before it:
 
 1. check everything that can be checked without a model (names, pairs, files, paths, the output dir,
-   that the gold judge can parse every prompt, that KL references share each system's vocabulary);
+   that the gold judge can parse every prompt, that KL references share each system's vocabulary, that
+   the llm judge's key is set and its endpoint answers);
 2. for each system, load it once and generate its responses on every split (or reuse them from the
    previous run in `output_dir`, when nothing that decides them changed), plus its own log-probs of them
    when KL references are given;
 3. for each KL reference, load it once and score every system's responses;
 4. score every response with the reward model (if any) and the gold judge;
-5. judge each pair on each split with each judge; tables, plot, manifest; rename into place.
+5. judge each pair on each split with each judge (the llm judge's requests all at once, cached replies
+   reused); tables, plot, manifest; rename into place.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ from salsa_lightning.evaluation import report
 from salsa_lightning.evaluation.config import EvalConfig
 from salsa_lightning.evaluation.generation import encode_prompts, generate_responses, response_logprobs
 from salsa_lightning.evaluation.kl import sequence_kl
+from salsa_lightning.evaluation.llm_judge import (
+    Comparison,
+    LLMJudge,
+    PairJudgement,
+    question_text,
+    read_cache,
+    split_verdicts,
+)
 from salsa_lightning.evaluation.stats import verdict_from_scores, win_rate_summary
 from salsa_lightning.models.loading import (
     ModelSpec,
@@ -131,11 +141,17 @@ def _validate(cfg: EvalConfig) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
     for ref in cfg.kl_reference or {}:
         _check_name("KL reference", ref)
     pairs = _resolve_pairs(cfg)
-    unknown = [j for j in cfg.judges if j not in ("gold", "reward")]
+    unknown = [j for j in cfg.judges if j not in ("gold", "reward", "llm")]
     if unknown or not cfg.judges:
-        raise SalsaError(f"Unknown or no judges {unknown or cfg.judges}; set `judges` to a list of gold and/or reward.")
+        raise SalsaError(f"Unknown or no judges {unknown or cfg.judges}; set `judges` to a list of gold, reward, llm.")
     if "reward" in cfg.judges and not cfg.reward_model:
         raise SalsaError("The reward judge needs a reward model; set `reward_model` to a reward stage output.")
+    if "llm" in cfg.judges and cfg.llm_judge is None:
+        raise SalsaError(
+            "The llm judge needs `llm_judge`; set at least `llm_judge.model` (and `base_url`, `api_key_env`)."
+        )
+    if cfg.llm_judge is not None and "llm" not in cfg.judges:
+        raise SalsaError("`llm_judge` is set but `llm` is not in `judges`; add llm to `judges` or remove `llm_judge`.")
     if not cfg.reward_tie_margin >= 0:
         raise SalsaError(f"reward_tie_margin must be >= 0, got {cfg.reward_tie_margin}; use e.g. 0.1.")
     for key in ("max_new_tokens", "max_prompt_length", "batch_size", "bootstrap_samples"):
@@ -381,6 +397,54 @@ def _score_rewards(
 
 
 # ---------------------------------------------------------------- judging and summaries
+def _connect_llm_judge(cfg: EvalConfig, out: Path) -> LLMJudge:
+    # the replies of an earlier run into this output are reused: each is keyed by everything that decides it
+    cache = read_cache(out / "judgements.jsonl") if cfg.overwrite and out.is_dir() else None
+    judge = LLMJudge(cfg.llm_judge, cache)
+    judge.connect()  # the pre-flight: key set, endpoint reachable, model served — before any model is loaded
+    return judge
+
+
+def _judge_with_llm(
+    judge: LLMJudge,
+    pairs: list[tuple[str, str]],
+    splits: dict[str, SplitPrompts],
+    responses: dict[str, dict[str, Responses]],
+    console: Console,
+) -> dict[tuple[str, str, str], list[PairJudgement]]:
+    """Every pair on every split in one batch, so the thread pool stays full across pairs."""
+    spans, comparisons = [], []
+    for a, b in pairs:
+        for split, prompts in splits.items():
+            questions = [question_text(m) for m in prompts.messages]
+            ra, rb = responses[a][split].texts, responses[b][split].texts
+            spans.append(((a, b, split), len(comparisons), len(comparisons) + len(questions)))
+            comparisons += [Comparison(q, x, y) for q, x, y in zip(questions, ra, rb, strict=True)]
+    with _progress(console) as progress:
+        task = progress.add_task(f"llm judge ({judge.spec.model})", total=None)
+        judged = judge.judge(
+            comparisons, on_reply=lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    out = {key: judged[lo:hi] for key, lo, hi in spans}
+    for (a, b, split), js in out.items():
+        if not split_verdicts(js)[0]:
+            example = js[0].replies[0].error or js[0].replies[0].text or js[0].replies[1].error or ""
+            raise SalsaError(
+                f"The llm judge gave no usable verdict for {a} vs {b} on {split} (every prompt unparseable or failed; "
+                f"e.g. {example[:200]!r}); check llm_judge.model, the template and the endpoint."
+            )
+    return out
+
+
+def _llm_note(report: dict[str, Any]) -> str:
+    return (
+        f"LLM judge {report['model']}: {report['requests']} requests ({report['retries']} retries), "
+        f"{report['cached_replies']} cached replies, {report['prompt_tokens']} prompt + "
+        f"{report['completion_tokens']} completion tokens; {report['unparseable_replies']} unparseable replies, "
+        f"{report['failed_replies']} failed requests (their prompts are left out of n)."
+    )
+
+
 def _verdicts(judge: str, cfg: EvalConfig, prompts: SplitPrompts, a: Responses, b: Responses) -> list[str]:
     if judge == "gold":
         return [gold.compare(p, x, y) for p, x, y in zip(prompts.texts, a.texts, b.texts, strict=True)]
@@ -417,6 +481,7 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
     splits = {s: _load_split(s, src, cfg.limit, "gold" in cfg.judges) for s, src in cfg.eval_files.items()}
     tokenizers = _load_tokenizers(cfg)
     _check_vocabularies(cfg, tokenizers)
+    llm = _connect_llm_judge(cfg, out) if "llm" in cfg.judges else None
 
     with atomic_output_dir(out, cfg.overwrite) as tmp:
         responses, fingerprints = _generate_all(cfg, out, splits, tokenizers, console)
@@ -428,17 +493,25 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
                 for split, res in by_split.items():
                     res.gold = [gold.score(p, r) for p, r in zip(splits[split].texts, res.texts, strict=True)]
 
+        llm_judged = _judge_with_llm(llm, pairs, splits, responses, console) if llm else {}
         pair_records, judgements = [], []
         for judge in cfg.judges:
             for a, b in pairs:
                 for split, prompts in splits.items():
-                    verdicts = _verdicts(judge, cfg, prompts, responses[a][split], responses[b][split])
+                    where = {"judge": judge, "split": split, "a": a, "b": b}
+                    if judge == "llm":
+                        js = llm_judged[(a, b, split)]
+                        verdicts, unparseable, failed = split_verdicts(js)
+                        left_out = {"unparseable": unparseable, "failed": failed}
+                        judgements += [
+                            {**where, "index": i, "verdict": j.verdict, "orders": j.orders()} for i, j in enumerate(js)
+                        ]
+                    else:
+                        verdicts = _verdicts(judge, cfg, prompts, responses[a][split], responses[b][split])
+                        left_out = {}
+                        judgements += [{**where, "index": i, "verdict": v} for i, v in enumerate(verdicts)]
                     summary = win_rate_summary(verdicts, cfg.bootstrap_samples, cfg.seed)
-                    pair_records.append({"judge": judge, "split": split, "a": a, "b": b, **summary})
-                    judgements += [
-                        {"judge": judge, "split": split, "a": a, "b": b, "index": i, "verdict": v}
-                        for i, v in enumerate(verdicts)
-                    ]
+                    pair_records.append({**where, **summary, **left_out})
         for system, by_split in responses.items():
             for split, res in by_split.items():
                 _write_responses(tmp / _response_file(system, split), splits[split], res)
@@ -468,20 +541,25 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
             },
             "prompts": {s: {"source": p.source, "n": len(p.rows)} for s, p in splits.items()},
             "bootstrap": {"samples": cfg.bootstrap_samples, "seed": cfg.seed, "confidence": 0.95},
+            **({"llm_judge": llm.report()} if llm else {}),
         }
+        notes = {"llm": _llm_note(results["llm_judge"])} if llm else {}
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         with open(tmp / "judgements.jsonl", "w") as f:
             f.writelines(json.dumps(j) + "\n" for j in judgements)
         report.write_win_rates_csv(tmp / "win_rates.csv", pair_records)
-        (tmp / "win_rates.md").write_text(report.win_rates_markdown(pair_records))
+        (tmp / "win_rates.md").write_text(report.win_rates_markdown(pair_records, notes=notes))
         report.write_systems_csv(tmp / "systems.csv", system_records)
         (tmp / "systems.md").write_text(report.systems_markdown(system_records))
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        write_manifest(tmp, _manifest(cfg, splits, pairs, fingerprints, plotted=plot_note is None))
+        manifest = _manifest(cfg, splits, pairs, fingerprints, plotted=plot_note is None)
+        write_manifest(tmp, {**manifest, **({"llm_judge": results["llm_judge"]} if llm else {})})
 
     if pair_records:
         console.print(report.win_rates_table(pair_records))
     console.print(report.systems_table(system_records))
+    for note in notes.values():
+        console.print(note)
     console.print(f"Evaluation written to {out} (win_rates.md, systems.md, reward_distribution.png, results.json)")
     return results
 
