@@ -146,7 +146,7 @@ def _adapter_dirs(base: str, root: Path, r: int) -> dict[str, str]:
 
 def measure_model(name: str, base: str, arch: Arch, work: Workload, layouts: list[str]) -> list[dict]:
     from salsa_lightning.models.loading import ModelSpec
-    from salsa_lightning.ppo.stack import FullStack, LoraStack
+    from salsa_lightning.ppo.build import FullStack, LoraStack
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

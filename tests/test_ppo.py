@@ -47,7 +47,7 @@ def assert_same_curves(a, b, rel=1e-5):
 
 
 def test_layouts_give_the_same_numbers(pipeline):
-    from salsa_lightning.ppo.stack import FullStack, LoraStack
+    from salsa_lightning.ppo.build import FullStack, LoraStack
     from salsa_lightning.rl.sequences import position_ids_from_mask
 
     anchors = {"init": str(pipeline / "sft1"), "soup": str(pipeline / "sft2")}
@@ -300,7 +300,7 @@ def test_nan_loss_in_a_later_minibatch_is_a_partial_update_that_still_advances(p
         return out
 
     monkeypatch.setattr(rl_pkg, "policy_loss", nan_every_second_minibatch)
-    with pytest.warns(UserWarning, match="Cut a PPO update short after 1 of 4 minibatches"):
+    with pytest.warns(UserWarning, match="Cut a PPO update short: 1 of 4 minibatches ran"):
         cli = run(pipeline, "--trainer.max_epochs=1", "--model.optim.lr=1e-2", "--model.ppo.max_nonfinite_in_a_row=5")
     m = cli.model
     # the first minibatch of each update stepped the optimizer: each rollout counts as an update, honestly marked

@@ -17,15 +17,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from salsa_lightning import rl
 from salsa_lightning.distributed import FSDPSpec, any_rank, mean_over_ranks, uses_fsdp2, world_size
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models.loading import base_model_of, canonical_model_ref, load_tokenizer, resolve_model_path
+from salsa_lightning.models.loading import canonical_model_ref, load_tokenizer
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.modules.common import OptimSpec, current_seed, format_output_dir, save_stage_output, scalar_metrics
 from salsa_lightning.ppo.anchors import check_tokenizers, plan_anchors
+from salsa_lightning.ppo.build import build_stack
+from salsa_lightning.ppo.callbacks import KLHackCallback
 from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec
-from salsa_lightning.ppo.rollout import RewardSource, Rollout, collect_rollout, import_reward_fn, response_logprobs
-from salsa_lightning.ppo.schedule import epoch_batch_rows, rollouts_in_run
-from salsa_lightning.ppo.stack import POLICY, build_stack
-from salsa_lightning.reward.model import reward_max_length, reward_stats
+from salsa_lightning.ppo.rollout import RewardSource, Rollout, collect_rollout, response_logprobs
+from salsa_lightning.ppo.schedule import schedule_length
+from salsa_lightning.ppo.stack import POLICY
 from salsa_lightning.stage import check_output_dir
 
 
@@ -93,13 +94,10 @@ class PPOModule(L.LightningModule):
                 "Set exactly one of `reward_model` (a reward stage output) and `reward_fn` (module:function)."
             )
         self.plan = plan_anchors(policy_init, anchor, soup, soup_inputs, soup_weights, soup_alpha)
-        self.policy_init, self.reward_model, self.layout, self.value_head = (
-            policy_init,
-            reward_model,
-            layout,
-            value_head,
-        )
-        self.rewards = self._reward_source(reward_model, reward_fn)  # read here, so a bad file fails before training
+        self.policy_init, self.reward_model = policy_init, reward_model
+        self.layout, self.value_head = layout, value_head
+        # read here, so that a bad reward path or file fails before training
+        self.rewards = RewardSource.from_config(reward_model, reward_fn, self.ppo.normalize_reward)
         self.sample_table_every, self.overwrite = sample_table_every, overwrite
         self.output_dir = format_output_dir(output_dir)
         if self.output_dir is not None:
@@ -115,15 +113,6 @@ class PPOModule(L.LightningModule):
         self.resolved_config: str | None = None
         self.history: list[dict[str, float]] = []  # what was logged, one row per update (history.json)
 
-    def _reward_source(self, reward_model: str | None, reward_fn: str | None) -> RewardSource:
-        if reward_fn is not None:
-            return RewardSource(reward_fn=import_reward_fn(reward_fn))
-        path = resolve_model_path(reward_model)
-        stats = reward_stats(path) if self.ppo.normalize_reward else None
-        if self.ppo.normalize_reward and not stats:
-            raise SalsaError(f"normalize_reward needs reward stats in {reward_model}; re-run the reward stage.")
-        return RewardSource(max_length=reward_max_length(path), stats=stats)
-
     # ---------------------------------------------------------------- set-up
     def configure_model(self) -> None:
         if self.stack is None:
@@ -137,17 +126,12 @@ class PPOModule(L.LightningModule):
         params = [p for p in self.stack.parameters() if p.requires_grad]
         o = self.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
-        rows = epoch_batch_rows(self.trainer)
-        limits = (self.trainer.max_epochs, self.trainer.max_steps, self.ppo.ppo_epochs, self.ppo.mini_batch_size)
-        estimate = self.trainer.estimated_stepping_batches  # fallback: an iterable dataset of unknown length
-        total = rollouts_in_run(rows, *limits) if rows else int(estimate) if estimate < float("inf") else 1
+        total = schedule_length(self.trainer, self.ppo.ppo_epochs, self.ppo.mini_batch_size)
         warmup = int(o.warmup_ratio * total)
         scheduler = get_scheduler(o.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
     def configure_callbacks(self):
-        from salsa_lightning.ppo.callbacks import KLHackCallback
-
         return [KLHackCallback(self.kl_hack)] if self.kl_hack.action != "off" else []
 
     # ---------------------------------------------------------------- one PPO update
@@ -173,9 +157,7 @@ class PPOModule(L.LightningModule):
         metrics["kl_coef"] = torch.tensor(self.kl_ctl.value)
         if len(update_logs) < planned:
             metrics["train/nonfinite_minibatches"] = torch.tensor(float(planned - len(update_logs)))
-            self._nonfinite(
-                f"Cut a PPO update short after {len(update_logs)} of {planned} minibatches: NaN/inf in a loss"
-            )
+            self._nonfinite(f"Cut a PPO update short: {len(update_logs)} of {planned} minibatches ran, then NaN/inf")
         else:
             self.nonfinite_in_a_row = 0
         return self._log_update(metrics, roll, batch_idx)
@@ -197,9 +179,8 @@ class PPOModule(L.LightningModule):
                 new_logp = response_logprobs(self.stack, POLICY, m["ids"], m["mask"], m["pos"], m["response"],
                                              self.gen.temperature)  # fmt: skip
                 pg = rl.policy_loss(new_logp, m["logp"], m["advantages"], m["resp_mask"], self.ppo.cliprange)
-                new_values = rl.response_logits(
-                    self.stack.values(m["ids"], m["mask"], m["pos"]), m["response"].shape[1]
-                )
+                values = self.stack.values(m["ids"], m["mask"], m["pos"])  # (b, L)
+                new_values = rl.response_logits(values, m["response"].shape[1])  # (b, R)
                 vf = rl.value_loss(new_values, m["values"], m["returns"], m["resp_mask"], self.ppo.cliprange_value)
                 loss = pg.loss + self.ppo.vf_coef * vf.loss
                 opt.zero_grad()
@@ -223,13 +204,12 @@ class PPOModule(L.LightningModule):
 
     def _log_update(self, metrics: dict[str, torch.Tensor], roll: Rollout, batch_idx: int) -> dict[str, float]:
         logged = {k: float(v) for k, v in metrics.items()}
-        shown = {"objective/scores", "objective/kl"}
-        B = roll.ids.shape[0]
+        shown, B = {"objective/scores", "objective/kl"}, roll.ids.shape[0]
         self.log_dict({k: v for k, v in logged.items() if k not in shown}, on_step=True, batch_size=B)
         self.log_dict({k: logged[k] for k in shown}, on_step=True, prog_bar=True, batch_size=B)
         self.history.append({"step": self.global_step, **logged})
         if self.sample_table_every and batch_idx % self.sample_table_every == 0 and self.trainer.is_global_zero:
-            _print_samples(roll, self.global_step)
+            roll.print_samples(f"PPO samples, step {self.global_step}")
         return logged  # the training_step output: what callbacks (the KL-hack monitor) read
 
     # ---------------------------------------------------------------- checkpoints and output
@@ -238,8 +218,7 @@ class PPOModule(L.LightningModule):
         checkpoint["salsa_ppo"] = {"kl_ctl": self.kl_ctl.state_dict(), **{k: getattr(self, k) for k in keys}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("salsa_ppo", {})
-        if state:
+        if state := checkpoint.get("salsa_ppo"):
             self.kl_ctl.load_state_dict(state["kl_ctl"])
             self.nonfinite_in_a_row, self.updates_done = state["nonfinite_in_a_row"], state["updates_done"]
             self.rollouts_done = state.get("rollouts_done", self.updates_done)  # older checkpoints: no skips counted
@@ -252,10 +231,7 @@ class PPOModule(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         manifest = {
-            "stage": self.plan.stage,
             "format": self.stack.layout,
-            "base_model": base_model_of(self.policy_init),
-            "policy_init": canonical_model_ref(self.policy_init),
             **self.plan.describe(),
             "reward_model": canonical_model_ref(self.reward_model) if self.reward_model else None,
             "reward_fn": self.hparams.reward_fn,
@@ -268,19 +244,6 @@ class PPOModule(L.LightningModule):
         path = save_stage_output(self.output_dir, lambda d: self.stack.save_policy(d, state_dict), self.tokenizer,
                                  manifest, self.resolved_config, self.overwrite, extra, state_dict)  # fmt: skip
         rank_zero_info(f"PPO policy written to {path}")
-
-
-def _print_samples(roll: Rollout, step: int, n: int = 3) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"PPO samples, step {step}", show_lines=True)
-    table.add_column("prompt", max_width=50)
-    table.add_column("response", max_width=60)
-    table.add_column("score", justify="right")
-    for m, t, s in zip(roll.messages[:n], roll.texts[:n], roll.raw_scores[:n]):
-        table.add_row(m[-1]["content"], t, f"{float(s):.3f}")
-    Console().print(table)
 
 
 __all__ = ["GenerationSpec", "KLHackSpec", "PPOModule", "PPOSpec"]

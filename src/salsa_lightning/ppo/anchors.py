@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models.loading import canonical_model_ref, load_tokenizer, resolve_model_path
+from salsa_lightning.models.loading import base_model_of, canonical_model_ref, load_tokenizer, resolve_model_path
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.stage import read_manifest
 
@@ -52,8 +52,11 @@ class AnchorPlan:
         return "mkl" if len(self.names) > 1 else "ppo"
 
     def describe(self) -> dict[str, Any]:
-        """The manifest's account of the anchors."""
+        """The manifest's account of the run's models: the stage name, the policy's start and the anchors."""
         return {
+            "stage": self.stage,
+            "base_model": base_model_of(self.policy_init),
+            "policy_init": canonical_model_ref(self.policy_init),
             "anchor": list(self.names),
             "anchor_paths": {k: _describe(v) for k, v in self.paths.items()},
             "soup": _describe(self.soup) if self.soup is not None else None,

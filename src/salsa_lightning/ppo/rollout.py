@@ -17,9 +17,11 @@ import torch
 from salsa_lightning import rl
 from salsa_lightning.distributed import mean_over_ranks, sum_over_ranks, world_size
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.models.loading import resolve_model_path
 from salsa_lightning.ppo.anchors import AnchorPlan
 from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
 from salsa_lightning.ppo.stack import POLICY, Stack
+from salsa_lightning.reward.model import reward_max_length, reward_stats
 from salsa_lightning.reward.scoring import encode_for_reward
 
 # metrics that are global statistics already (from reduced moments), or counts: not averaged over ranks
@@ -53,6 +55,19 @@ class Rollout:
         names = ("ids", "mask", "pos", "response", "resp_mask", "logp", "values", "advantages", "returns")
         return {name: getattr(self, name)[idx] for name in names}
 
+    def print_samples(self, title: str, n: int = 3) -> None:
+        """A Rich table of the first `n` prompts, responses and scores, printed."""
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, show_lines=True)
+        table.add_column("prompt", max_width=50)
+        table.add_column("response", max_width=60)
+        table.add_column("score", justify="right")
+        for m, t, s in zip(self.messages[:n], self.texts[:n], self.raw_scores[:n]):
+            table.add_row(m[-1]["content"], t, f"{float(s):.3f}")
+        Console().print(table)
+
     def finite(self) -> bool:
         """Whether every statistic is finite (explained variance is NaN by definition for constant returns)."""
         return all(bool(torch.isfinite(v).all()) for k, v in self.metrics.items() if k != "val/explained_variance")
@@ -66,6 +81,17 @@ class RewardSource:
     reward_fn: Callable[[list, list[str]], list[float]] | None = None
     max_length: int = 1024
     stats: dict | None = None
+
+    @classmethod
+    def from_config(cls, reward_model: str | None, reward_fn: str | None, normalize: bool) -> RewardSource:
+        """Read once at start-up, so a bad path or file fails before any model loads."""
+        if reward_fn is not None:
+            return cls(reward_fn=import_reward_fn(reward_fn))
+        path = resolve_model_path(reward_model)
+        stats = reward_stats(path) if normalize else None
+        if normalize and not stats:
+            raise SalsaError(f"normalize_reward needs reward stats in {reward_model}; re-run the reward stage.")
+        return cls(max_length=reward_max_length(path), stats=stats)
 
     def score(self, stack: Stack, tokenizer, messages: list, texts: list[str], device) -> torch.Tensor:
         if self.reward_fn is not None:

@@ -60,4 +60,13 @@ def epoch_batch_rows(trainer) -> list[int] | None:
     return [min(size, n - i * size) for i in range(int(batches))]
 
 
-__all__ = ["epoch_batch_rows", "optimizer_steps_per_rollout", "rollouts_in_run"]
+def schedule_length(trainer, ppo_epochs: int, mini_batch_size: int) -> int:
+    """Rollouts in the run the trainer is set up for: what a per-rollout LR schedule must span."""
+    rows = epoch_batch_rows(trainer)
+    if rows:
+        return rollouts_in_run(rows, trainer.max_epochs, trainer.max_steps, ppo_epochs, mini_batch_size)
+    estimate = trainer.estimated_stepping_batches  # an iterable dataset of unknown length: Lightning's guess
+    return int(estimate) if estimate < math.inf else 1
+
+
+__all__ = ["epoch_batch_rows", "schedule_length", "optimizer_steps_per_rollout", "rollouts_in_run"]

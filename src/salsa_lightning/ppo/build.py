@@ -1,0 +1,54 @@
+"""`build_stack`: the one way to make a PPO `Stack`, in either layout, sharded or not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from salsa_lightning.distributed import (
+    FSDPSpec,
+)
+from salsa_lightning.models.loading import (
+    is_adapter_dir,
+    resolve_model_path,
+)
+from salsa_lightning.models.spec import ModelSpec
+from salsa_lightning.ppo.anchors import InMemorySoup
+from salsa_lightning.ppo.full_stack import FullStack
+from salsa_lightning.ppo.lora_stack import LoraStack
+from salsa_lightning.ppo.stack import Stack
+
+
+def build_stack(
+    layout: str,
+    spec: ModelSpec,
+    policy_init: str,
+    anchors: dict[str, str | InMemorySoup],
+    reward: str | None,
+    value_head: str,
+    sharding: tuple[Any, FSDPSpec] | None = None,
+) -> Stack:
+    """The stack for `layout` (`auto`: lora when every model is an adapter), sharded per decoder layer when
+    `sharding` = (device mesh, FSDPSpec) is given, in eval mode (no dropout: rollout and update log-probs must come
+    from the same function)."""
+    if layout == "auto":
+        adapters = [policy_init, *([reward] if reward else [])]
+        for anchor in anchors.values():
+            adapters += list(anchor.inputs) if isinstance(anchor, InMemorySoup) else [anchor]
+        layout = "lora" if all(is_adapter_dir(resolve_model_path(p)) for p in adapters) else "full"
+    if layout == "full":
+        from salsa_lightning.models.quantization import refuse_full_weights
+
+        refuse_full_weights(spec, "PPO's full layout (separate full-weight models)")
+    # PEFT draws random initial LoRA weights before loading saved ones; fork the RNG so that which anchors are
+    # loaded never changes the rollouts (PPO and SALSA runs then share sampling noise)
+    with torch.random.fork_rng(devices=[]):
+        cls = FullStack if layout == "full" else LoraStack
+        stack = cls(spec, policy_init, anchors, reward, value_head, sharding)
+    if sharding is not None:
+        stack.shard(*sharding)
+    return stack.eval()
+
+
+__all__ = ["FullStack", "LoraStack", "build_stack"]
