@@ -27,3 +27,10 @@ register_command(
     help="Convert an SFT or reward checkpoint (a .ckpt file, or a sharded FSDP2 checkpoint directory) into the "
     "HF-format stage output; an exported reward model has no training-set reward stats (normalize_reward refuses it).",
 )
+register_command(
+    "landscape",
+    config="salsa_lightning.landscape.config:LandscapeConfig",
+    run="salsa_lightning.landscape.run:run_landscape",
+    help="Gold score / reward over soups of two or three seeds, on a line and a plane, inside and beyond the seeds "
+    "(paper Fig. 2), plus the soup report: each seed and the uniform soup, with the KL between them.",
+)
