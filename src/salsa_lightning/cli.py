@@ -58,6 +58,12 @@ EXTRA_COMMANDS: dict[str, ExtraCommand] = {
         run="salsa_lightning.evaluation.run:run_evaluate",
         help="Generate responses from several systems and judge them pairwise: win rates, KL, reward distributions.",
     ),
+    "landscape": ExtraCommand(
+        config="salsa_lightning.landscape.config:LandscapeConfig",
+        run="salsa_lightning.landscape.run:run_landscape",
+        help="Gold score / reward over soups of two or three seeds, on a line and a plane, inside and beyond the "
+        "seeds (paper Fig. 2), plus the soup report: each seed and the uniform soup, with the KL between them.",
+    ),
     "export": ExtraCommand(
         config="salsa_lightning.checkpoints:ExportConfig",
         run="salsa_lightning.checkpoints:run_export",

@@ -1,0 +1,287 @@
+"""`run_landscape`: the `landscape` stage — seeds and prompts in, one self-describing output directory out.
+
+1. check everything that needs no model (seeds, grids, judges, paths, that the gold judge parses every prompt);
+2. take each point's responses and KL from the cache when the key (seeds' files, weights, prompts, generation
+   settings) matches; otherwise set the one in-memory model to that soup, generate, and keep its log-probs;
+3. for each KL reference (seed 1, the uniform soup, and every seed for the soup's own row), set the model to it
+   and score the new points' responses: `KL(point ‖ ref)` on the point's own responses (`evaluation.kl`);
+4. score with the reward model and the gold judge; bootstrap intervals; tables, plots, manifest; rename into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+
+from salsa_lightning import __version__
+from salsa_lightning.data import judge as gold
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.evaluation.generation import encode_prompts, generate_responses, response_logprobs
+from salsa_lightning.evaluation.kl import sequence_kl
+from salsa_lightning.evaluation.run import _device, _load_split, _model_signature, _progress, _release_memory
+from salsa_lightning.landscape import report
+from salsa_lightning.landscape.config import LandscapeConfig
+from salsa_lightning.landscape.grid import Point, landscape_points, point_key
+from salsa_lightning.landscape.models import soup_model
+from salsa_lightning.models.loading import canonical_model_ref, load_tokenizer, resolve_model_path
+from salsa_lightning.models.spec import ModelSpec
+from salsa_lightning.stage import CONFIG_NAME, MANIFEST_NAME, atomic_output_dir, check_output_dir, write_manifest
+
+RESPONSES = "responses"  # one JSON per point, named by its cache key
+
+
+@dataclass
+class PointRun:
+    """One point's responses and per-prompt numbers."""
+
+    point: Point
+    key: str
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)
+    kl: dict[str, list[float]] = field(default_factory=dict)
+    """reference label (`seed1`, `soup`, …) -> per-prompt Σ_t log π_point - log π_ref on the point's responses."""
+    reused: bool = False
+    logp: list[torch.Tensor] | None = None
+    gold: list[float] | None = None
+    reward: list[float] | None = None
+
+
+def references(point: Point, n: int) -> list[str]:
+    """The KL references a point is measured against: seed 1 and the soup; the soup also against every seed."""
+    return ["seed1", "soup"] + ([f"seed{i + 1}" for i in range(1, n)] if point.label == "soup" else [])
+
+
+def reference_weights(label: str, n: int) -> tuple[float, ...]:
+    if label == "soup":
+        return point_key([1.0 / n] * n)
+    i = int(label.removeprefix("seed")) - 1
+    return point_key([1.0 if j == i else 0.0 for j in range(n)])
+
+
+def _validate(cfg: LandscapeConfig) -> list[Point]:
+    points = landscape_points(len(cfg.seeds), cfg.line, cfg.plane, cfg.extrapolate)
+    unknown = [j for j in cfg.judges if j not in ("gold", "reward")]
+    if unknown or not cfg.judges:
+        raise SalsaError(f"Unknown or no judges {unknown or cfg.judges}; set `judges` to a list of gold and/or reward.")
+    if "reward" in cfg.judges and not cfg.reward_model:
+        raise SalsaError("The reward judge needs a reward model; set `reward_model` to a reward stage output.")
+    for key in ("max_new_tokens", "max_prompt_length", "batch_size", "bootstrap_samples"):
+        if getattr(cfg, key) < 1:
+            raise SalsaError(f"{key} must be >= 1, got {getattr(cfg, key)}; set a positive value.")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise SalsaError(f"limit must be >= 1 or null, got {cfg.limit}; use null for every prompt.")
+    if cfg.do_sample and not cfg.temperature > 0:
+        raise SalsaError(f"temperature must be > 0 when sampling, got {cfg.temperature}; use e.g. 1.0.")
+    out = check_output_dir(cfg.output_dir, cfg.overwrite)
+    models = [("seed", p) for p in cfg.seeds] + ([("reward model", cfg.reward_model)] if cfg.reward_model else [])
+    for kind, path in models:
+        try:
+            resolved = resolve_model_path(path)
+        except SalsaError as err:
+            raise SalsaError(f"The {kind} {path}: {err}") from err
+        if Path(resolved).resolve() == out.resolve():
+            raise SalsaError(f"The output directory {out} is the {kind} {path}; write the landscape elsewhere.")
+    return points
+
+
+# ---------------------------------------------------------------- the response cache
+def _settings(cfg: LandscapeConfig) -> dict[str, Any]:
+    """Everything besides the weights and prompts that decides a point's responses and log-probs."""
+    return {
+        "dtype": cfg.dtype,
+        "max_new_tokens": cfg.max_new_tokens,
+        "max_prompt_length": cfg.max_prompt_length,
+        "do_sample": cfg.do_sample,
+        "temperature": cfg.temperature if cfg.do_sample else None,
+        "seed": cfg.seed if cfg.do_sample else None,
+        "batch_size": cfg.batch_size,  # batching changes greedy results at the rounding level
+        "device": str(_device()),
+    }
+
+
+def cache_key(seed_signatures: list[Any], weights: tuple[float, ...], messages: list, settings: dict) -> str:
+    content = {"seeds": seed_signatures, "weights": list(weights), "prompts": messages, **settings}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cache_sources(cfg: LandscapeConfig) -> list[Path]:
+    if not cfg.reuse_responses:
+        return []
+    out = Path(cfg.output_dir)
+    sources = [out / RESPONSES] if cfg.overwrite and out.is_dir() else []
+    return sources + ([Path(cfg.cache_dir)] if cfg.cache_dir else [])
+
+
+def _from_cache(run: PointRun, sources: list[Path], n_prompts: int, refs: list[str]) -> bool:
+    for src in sources:
+        f = src / f"{run.key}.json"
+        if not f.is_file():
+            continue
+        try:
+            rows = json.loads(f.read_text())["rows"]
+        except (OSError, ValueError, KeyError):
+            continue  # a damaged entry is a miss, not an error: it is regenerated and rewritten
+        if len(rows) != n_prompts or any(ref not in r.get("kl", {}) for r in rows for ref in refs):
+            continue
+        run.texts = [r["response"] for r in rows]
+        run.token_ids = [r["response_ids"] for r in rows]
+        run.finished = [r["finished"] for r in rows]
+        run.kl = {ref: [r["kl"][ref] for r in rows] for ref in refs}
+        run.reused = True
+        return True
+    return False
+
+
+def _cache_record(run: PointRun, prompts) -> dict[str, Any]:
+    rows = []
+    for i, row in enumerate(prompts.rows):
+        rows.append({
+            "index": i, "prompt": row.get("prompt", prompts.messages[i]), "response": run.texts[i],
+            "response_ids": run.token_ids[i], "finished": run.finished[i],
+            "kl": {ref: v[i] for ref, v in run.kl.items()},
+            **({"gold_score": run.gold[i]} if run.gold is not None else {}),
+            **({"reward": run.reward[i]} if run.reward is not None else {}),
+        })  # fmt: skip
+    return {"key": run.key, "weights": list(run.point.weights), "rows": rows}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- model work
+def _generate(cfg: LandscapeConfig, runs: list[PointRun], prompt_ids, tokenizer, console: Console) -> None:
+    """Responses and own log-probs of every point in `runs`, then their KL to each reference it needs."""
+    n = len(cfg.seeds)
+    with console.status(f"loading the seeds {', '.join(cfg.seeds)}"):
+        soup = soup_model(cfg.seeds, cfg.dtype, _device(), cfg.extrapolate)
+    pad = tokenizer.pad_token_id
+    with _progress(console) as progress:
+        task = progress.add_task("points", total=len(runs))
+        for run in runs:
+            soup.set_weights(run.point.weights)
+            with torch.random.fork_rng(devices=[]):  # each point's samples independent of which ran before
+                torch.manual_seed(cfg.seed)
+                generated = generate_responses(soup.model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.batch_size,
+                                               cfg.do_sample, cfg.temperature)  # fmt: skip
+            run.texts = [g.text for g in generated]
+            run.token_ids = [g.token_ids for g in generated]
+            run.finished = [g.finished for g in generated]
+            run.logp = response_logprobs(soup.model, prompt_ids, run.token_ids, cfg.batch_size, pad)
+            progress.advance(task)
+        labels = list(dict.fromkeys(ref for run in runs for ref in references(run.point, n)))
+        task = progress.add_task("KL references", total=len(labels))
+        for label in labels:
+            soup.set_weights(reference_weights(label, n))
+            for run in runs:
+                if label in references(run.point, n):
+                    ref_logp = response_logprobs(soup.model, prompt_ids, run.token_ids, cfg.batch_size, pad)
+                    run.kl[label] = sequence_kl(run.logp, ref_logp).tolist()
+            progress.advance(task)
+    del soup
+    _release_memory()
+
+
+def _score_rewards(cfg: LandscapeConfig, messages: list, runs: list[PointRun], console: Console) -> None:
+    from salsa_lightning.reward.scoring import RewardScorer
+
+    with console.status(f"scoring with the reward model {cfg.reward_model}"):
+        scorer = RewardScorer.from_output(
+            cfg.reward_model, dtype=cfg.dtype, device=_device(), batch_size=cfg.batch_size
+        )
+        for run in runs:
+            run.reward = scorer.score(messages, run.texts).tolist()
+    del scorer
+    _release_memory()
+
+
+def run_landscape(cfg: LandscapeConfig, quiet: bool = False) -> dict[str, Any]:
+    """Evaluate the soups of `cfg.seeds` on `cfg.line` / `cfg.plane`; write `cfg.output_dir`; return points.json's dict.
+
+    Raises `SalsaError` (before any model is loaded, leaving nothing behind) for anything the user can fix.
+    """
+    console = Console(quiet=quiet)
+    points = _validate(cfg)
+    n = len(cfg.seeds)
+    try:
+        prompts = _load_split("eval_file", cfg.eval_file, cfg.limit, "gold" in cfg.judges)
+    except SalsaError as err:  # evaluate's loader names its own field, `eval_files.<split>`
+        raise SalsaError(str(err).replace("eval_files.eval_file", "eval_file")) from err
+    tokenizer = load_tokenizer(ModelSpec(cfg.seeds[0]), padding_side="left")
+    prompt_ids, truncated = encode_prompts(tokenizer, prompts.messages, cfg.max_prompt_length)
+    signatures = [_model_signature(p) for p in cfg.seeds]
+    settings = _settings(cfg)
+    runs = [PointRun(p, cache_key(signatures, p.weights, prompts.messages, settings)) for p in points]
+    sources = _cache_sources(cfg)
+    todo = [r for r in runs if not _from_cache(r, sources, len(prompt_ids), references(r.point, n))]
+    if runs and len(todo) < len(runs):
+        console.print(f"[dim]reusing {len(runs) - len(todo)} of {len(runs)} points from the cache[/dim]")
+
+    with atomic_output_dir(cfg.output_dir, cfg.overwrite) as tmp:
+        if todo:
+            _generate(cfg, todo, prompt_ids, tokenizer, console)
+        if cfg.reward_model:
+            _score_rewards(cfg, prompts.messages, runs, console)
+        if "gold" in cfg.judges:
+            for run in runs:
+                run.gold = [gold.score(p, r) for p, r in zip(prompts.texts, run.texts, strict=True)]
+
+        records = [report.point_record(r, cfg.bootstrap_samples, cfg.seed) for r in runs]
+        soup_rows = report.soup_report(records, n)
+        files = report.write_outputs(tmp, records, soup_rows, n, cfg.line is not None, cfg.plane is not None)
+        for run in runs:
+            text = json.dumps(_cache_record(run, prompts), ensure_ascii=False) + "\n"
+            _write_atomic(tmp / RESPONSES / f"{run.key}.json", text)
+            if cfg.cache_dir and not (Path(cfg.cache_dir) / f"{run.key}.json").is_file():
+                _write_atomic(Path(cfg.cache_dir) / f"{run.key}.json", text)  # content-addressed: safe to share
+        results = {
+            "points": records,
+            "soup_report": soup_rows,
+            "prompts": {"source": prompts.source, "n": len(prompts.rows), "truncated": truncated},
+            "bootstrap": {"samples": cfg.bootstrap_samples, "seed": cfg.seed, "confidence": 0.95},
+        }
+        (tmp / "points.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        manifest = {
+            "stage": "landscape",
+            "salsa_lightning_version": __version__,
+            "seeds": [canonical_model_ref(p) for p in cfg.seeds],
+            "seed_format": _seed_format(cfg.seeds),
+            "eval_file": canonical_model_ref(cfg.eval_file),
+            "judges": list(cfg.judges),
+            "reward_model": canonical_model_ref(cfg.reward_model) if cfg.reward_model else None,
+            "extrapolate": cfg.extrapolate,
+            "generation": settings,
+            "points": len(runs),
+            "generated_points": len(todo),
+            "reused_points": len(runs) - len(todo),
+            "responses": {RESPONSES + "/" + r.key + ".json": list(r.point.weights) for r in runs},
+            "files": sorted([*files, "points.json", CONFIG_NAME, MANIFEST_NAME, RESPONSES]),
+        }
+        write_manifest(tmp, manifest)
+
+    console.print(report.soup_table(soup_rows))
+    console.print(
+        f"Landscape of {len(runs)} points ({len(todo)} generated, {len(runs) - len(todo)} from the cache) written to "
+        f"{cfg.output_dir} ({', '.join(f for f in files if f.endswith('.png'))})"
+    )
+    return results
+
+
+def _seed_format(seeds: list[str]) -> str:
+    from salsa_lightning.soup.inputs import describe_inputs
+
+    return describe_inputs([resolve_model_path(p) for p in seeds])[1]

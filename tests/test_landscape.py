@@ -1,0 +1,328 @@
+"""The `landscape` stage: the grids as pure functions, and the stage on tiny full-weight and LoRA seeds — every file
+written, the grid's seed points reproduce the seeds' own scores, bad grids refused, the cache reused."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import write_jsonl
+
+from salsa_lightning.cli import cli_main
+from salsa_lightning.data import judge as gold
+from salsa_lightning.data.tasks import TaskSuiteConfig, build_task_suite
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.evaluation.generation import encode_prompts, generate_responses
+from salsa_lightning.landscape import run as landscape_run
+from salsa_lightning.landscape.config import LandscapeConfig, LineGrid, PlaneGrid
+from salsa_lightning.landscape.grid import (
+    VERTICES,
+    alpha_grid,
+    barycentric_grid,
+    grid_divisions,
+    landscape_points,
+    line_weights,
+    outside,
+    to_xy,
+)
+from salsa_lightning.landscape.run import run_landscape
+from salsa_lightning.models.loading import ModelSpec, load_causal_lm, load_tokenizer
+from salsa_lightning.reward.scoring import RewardScorer
+from salsa_lightning.stage import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Sampling, seeded: tiny random models answer every prompt with the same greedy token, sampling tells them apart.
+# A batch size that splits the 3 prompts unevenly.
+GEN = {"max_new_tokens": 5, "batch_size": 2, "do_sample": True, "temperature": 1.0}
+
+
+# ---------------------------------------------------------------- the grids (pure functions)
+def test_alpha_grid_hand_cases():
+    assert alpha_grid(-0.5, 1.5, 9) == [-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert alpha_grid(0.0, 1.0, 11)[3] == 0.3  # rounded: not 0.30000000000000004, so it meets `line.alphas: [0.3]`
+    assert alpha_grid(0.2, 0.9, 1) == [0.2] and alpha_grid(0.0, 1.0, 0) == []
+    assert line_weights(0.25, 2) == (0.75, 0.25) and line_weights(1.5, 3) == (-0.5, 1.5, 0.0)
+    assert line_weights(0.0, 2) == (1.0, 0.0) and str(line_weights(1.0, 2)[0]) == "0.0"  # no -0.0
+
+
+def test_grid_divisions_needs_a_whole_number_of_steps():
+    assert grid_divisions(0.25) == 4 and grid_divisions(0.1) == 10 and grid_divisions(1.0) == 1
+    assert grid_divisions(0.3) is None and grid_divisions(0.0) is None and grid_divisions(-0.5) is None
+
+
+@pytest.mark.parametrize("d, reach", [(1, 0), (2, 0), (4, 0), (2, 1), (4, 2), (3, 1)])
+def test_barycentric_grid_equals_a_naive_loop(d, reach):
+    naive = set()
+    for k1, k2, k3 in itertools.product(range(-reach, d + 2 * reach + 1), repeat=3):
+        if k1 + k2 + k3 == d:
+            naive.add(tuple(float(Fraction(k, d)) for k in (k1, k2, k3)))
+    grid = barycentric_grid(d, reach)
+    assert len(grid) == len(set(grid)) == len(naive) == (d + 3 * reach + 1) * (d + 3 * reach + 2) // 2
+    assert {tuple(round(w, 9) for w in p) for p in grid} == {tuple(round(w, 9) for w in p) for p in naive}
+    assert all(abs(sum(p) - 1) < 1e-9 for p in grid)
+    assert {(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)} <= set(grid)  # the seeds are grid points
+    assert any(outside(p) for p in grid) == (reach > 0)
+
+
+def test_to_xy_puts_the_seeds_on_the_corners_and_the_soup_in_the_middle():
+    for i, v in enumerate(VERTICES):
+        assert to_xy([1.0 if j == i else 0.0 for j in range(3)]) == pytest.approx(v)
+    assert to_xy([1 / 3] * 3) == pytest.approx((0.5, math.sqrt(3) / 6))
+    assert to_xy([0.5, 0.5, 0.0]) == pytest.approx((0.5, 0.0))
+
+
+def test_points_are_merged_and_labelled():
+    points = landscape_points(3, LineGrid(-0.5, 1.5, 5), PlaneGrid(step=0.5, margin=0.5), extrapolate=True)
+    by = {p.weights: p for p in points}
+    assert len(by) == len(points) == 22  # 21 plane points (d=2, one ring outside) hold the line; plus the soup
+    seed1 = by[(1.0, 0.0, 0.0)]
+    assert (seed1.alpha, seed1.on_plane, seed1.label) == (0.0, True, "seed1")
+    assert by[(0.0, 1.0, 0.0)].alpha == 1.0 and by[(0.0, 0.0, 1.0)].label == "seed3"
+    assert by[(-0.5, 1.5, 0.0)].alpha == 1.5
+    soup = next(p for p in points if p.label == "soup")
+    assert soup.weights == pytest.approx((1 / 3,) * 3) and not soup.on_plane and soup.alpha is None
+    two = landscape_points(2, LineGrid(0, 1, 3), None, extrapolate=False)
+    assert [(p.weights, p.label) for p in two] == [((1.0, 0.0), "seed1"), ((0.5, 0.5), "soup"), ((0.0, 1.0), "seed2")]
+
+
+@pytest.mark.parametrize(
+    "n, line, plane, match",
+    [
+        (2, LineGrid(-0.5, 1.5, 5), None, r"beyond \[0, 1\].*extrapolate: true"),
+        (2, LineGrid(0, 1, 2, alphas=[1.25]), None, r"α=1.25.*beyond \[0, 1\].*extrapolate: true"),
+        (3, None, PlaneGrid(0.5, margin=0.5), r"outside the triangle.*extrapolate: true"),
+        (3, None, PlaneGrid(0.5, points=[[1.5, -0.25, -0.25]]), r"plane.points\[0\].*outside.*extrapolate: true"),
+        (3, None, PlaneGrid(0.5, points=[[0.5, 0.5, 0.5]]), r"plane.points\[0\].*sum to 1.5, not 1"),
+        (3, None, PlaneGrid(0.5, points=[[0.5, 0.5]]), r"three, one per seed"),
+        (3, None, PlaneGrid(0.3), r"plane.step 0.3 does not divide 1"),
+        (2, None, PlaneGrid(0.5), r"needs three seeds"),
+        (4, LineGrid(), None, r"two seeds .* or three"),
+        (2, LineGrid(0, 1, 0), None, r"line has no points"),
+    ],
+)
+def test_bad_grids_are_refused_in_one_sentence(n, line, plane, match):
+    with pytest.raises(SalsaError, match=match):
+        landscape_points(n, line, plane, extrapolate=False)
+
+
+def test_weights_not_summing_to_one_are_refused_even_when_extrapolating():
+    with pytest.raises(SalsaError, match="not 1"):
+        landscape_points(3, None, PlaneGrid(0.5, points=[[2.0, 0.0, 0.0]]), extrapolate=True)
+
+
+# ---------------------------------------------------------------- tiny seeds
+def _save_reward_model(path: Path, tokenizer) -> Path:
+    """A tiny reward model with a fixed `score` head (a reward stage output for the scorer; nothing trained)."""
+    from transformers import LlamaForSequenceClassification
+
+    from salsa_lightning.models.tiny import make_tiny_model
+
+    config = make_tiny_model(tokenizer, seed=7).config
+    config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _save_lora_seed(path: Path, base_dir: Path, seed: int, tokenizer, r: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # init_lora_weights=False: non-zero A and B, so the seeds differ
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), cfg)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "salsa_manifest.json").write_text(
+        json.dumps({"stage": "sft", "format": "lora", "base_model": str(base_dir), "seed": seed})
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
+    from salsa_lightning.models.tiny import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("landscape-inputs")
+    suite = build_task_suite(TaskSuiteConfig(num_sft=0, num_prefs_train=0, num_prefs_test=0, num_rl_prompts=0,
+                                             num_eval=5))  # fmt: skip
+    return {
+        "full": [str(save_tiny_checkpoint(root / f"full-seed{s}", seed=s)) for s in (1, 2, 3)],
+        "lora": [str(_save_lora_seed(root / f"lora-seed{s}", tiny_model_dir, s, tiny_tokenizer, r=s + 1)) for s in (1, 2, 3)],
+        "rm": str(_save_reward_model(root / "rm", tiny_tokenizer)),
+        "eval": str(write_jsonl(root / "eval_id.jsonl", suite["eval_id.jsonl"])),
+    }  # fmt: skip
+
+
+def config(inputs: dict, kind: str, out: Path, **overrides) -> LandscapeConfig:
+    kwargs = {
+        "seeds": inputs[kind],
+        "line": LineGrid(-0.5, 1.5, 5),
+        "plane": PlaneGrid(step=0.5, margin=0.5),
+        "extrapolate": True,
+        "eval_file": inputs["eval"],
+        "limit": 3,
+        "judges": ["gold", "reward"],
+        "reward_model": inputs["rm"],
+        "bootstrap_samples": 100,
+        "output_dir": str(out),
+        **GEN,
+        **overrides,
+    }
+    return LandscapeConfig(**kwargs)
+
+
+@torch.no_grad()
+def direct_scores(seed: str, inputs: dict) -> tuple[list[list[int]], list[float], list[float]]:
+    """A seed's own responses, gold scores and rewards on the eval prompts, generated from the seed itself."""
+    from salsa_lightning.evaluation.run import _device, _load_split
+
+    prompts = _load_split("id", inputs["eval"], 3, True)
+    tokenizer = load_tokenizer(ModelSpec(seed), padding_side="left")
+    ids, _ = encode_prompts(tokenizer, prompts.messages, 512)
+    # on the stage's device; loaded before seeding, since PEFT draws an init for the adapter it then loads
+    model = load_causal_lm(seed, trainable=False).to(_device())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the config's `seed`, as the stage seeds every point
+        generated = generate_responses(model, tokenizer, ids, **GEN)
+    texts = [g.text for g in generated]
+    scorer = RewardScorer.from_output(inputs["rm"], device=_device(), batch_size=2)
+    rewards = scorer.score(prompts.messages, texts).tolist()
+    return [g.token_ids for g in generated], [gold.score(p, t) for p, t in zip(prompts.texts, texts)], rewards
+
+
+def responses(out: Path, record: dict) -> list[dict]:
+    return json.loads((out / "responses" / f"{record['key']}.json").read_text())["rows"]
+
+
+@pytest.fixture(scope="module", params=["full", "lora"])
+def landscape(request, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"landscape-{request.param}") / "out"
+    results = run_landscape(config(inputs, request.param, out), quiet=True)
+    return request.param, out, results
+
+
+def test_writes_every_file(landscape):
+    _, out, results = landscape
+    files = ["points.csv", "points.json", "soup_report.csv", "soup_report.md", "line.png", "plane.png", "config.yaml"]
+    for name in [*files, "salsa_manifest.json"]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for png in ("line.png", "plane.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = read_manifest(out)
+    assert manifest["stage"] == "landscape" and sorted(p.name for p in out.iterdir()) == manifest["files"]
+    assert manifest["points"] == manifest["generated_points"] == 22 and manifest["reused_points"] == 0
+    assert sorted(manifest["responses"]) == sorted(f"responses/{p.name}" for p in (out / "responses").iterdir())
+    rows = list(csv.DictReader(open(out / "points.csv")))
+    assert len(rows) == len(results["points"]) == 22
+    assert {"w1", "w2", "w3", "alpha", "gold", "gold_lo", "reward_hi", "kl_seed1", "kl_soup"} <= set(rows[0])
+    for r in results["points"]:
+        assert r["reward_ci"][0] <= r["reward"] <= r["reward_ci"][1]
+        assert len(responses(out, r)) == r["n"] == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["plane"] == {"step": 0.5, "margin": 0.5, "points": []}
+
+
+def test_seed_points_reproduce_the_seeds(landscape, inputs):
+    """α = 0 and α = 1, and the plane's corners, are the seeds themselves: same responses, same scores."""
+    kind, out, results = landscape
+    by = {r["label"]: r for r in results["points"] if r["label"]}
+    assert (by["seed1"]["alpha"], by["seed2"]["alpha"]) == (0.0, 1.0)
+    own = []
+    for i, seed in enumerate(inputs[kind]):
+        record = by[f"seed{i + 1}"]
+        assert record["on_plane"] and record["xy"] == pytest.approx(VERTICES[i])
+        ids, golds, rewards = direct_scores(seed, inputs)
+        assert [r["response_ids"] for r in responses(out, record)] == ids
+        assert record["gold"] == sum(golds) / 3 and record["reward"] == sum(rewards) / 3
+        own.append(ids)
+    assert own[0] != own[1] != own[2] != own[0]  # the seeds answer differently: the match above is not by chance
+    if kind == "full":  # the same weights in both passes: exactly 0
+        assert by["seed1"]["kl"]["seed1"] == 0.0 and by["soup"]["kl"]["soup"] == 0.0
+    assert by["seed1"]["kl"]["seed1"] == pytest.approx(0.0, abs=1e-4)
+    assert by["seed2"]["kl"]["seed1"] != pytest.approx(0.0, abs=1e-4)
+
+
+def test_soup_report_has_every_seed_and_the_soup(landscape):
+    _, out, results = landscape
+    rows = results["soup_report"]
+    assert [r["model"] for r in rows] == ["seed1", "seed2", "seed3", "soup"]
+    soup = next(r for r in results["points"] if r["label"] == "soup")
+    for i, r in enumerate(rows[:3]):
+        assert r["kl_soup_seed"] == soup["kl"][f"seed{i + 1}"]  # KL(soup ‖ seed i) on the soup's responses
+    assert rows[3]["kl_soup_seed"] is None and rows[3]["reward"] == soup["reward"]
+    md = (out / "soup_report.md").read_text()
+    assert "KL(soup‖·)" in md and "| soup |" in md
+
+
+def test_rerun_reuses_the_cache_and_generates_nothing(landscape, inputs, monkeypatch):
+    kind, out, first = landscape
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a cached point was generated again")
+
+    monkeypatch.setattr(landscape_run, "generate_responses", no_generation)
+    second = run_landscape(config(inputs, kind, out, overwrite=True), quiet=True)
+    manifest = read_manifest(out)
+    assert (manifest["generated_points"], manifest["reused_points"]) == (0, 22)
+    assert all(r["reused"] for r in second["points"])
+    strip = ("reused",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in second["points"]] == [
+        {k: v for k, v in r.items() if k not in strip} for r in first["points"]
+    ]
+
+
+def test_a_finer_grid_generates_only_the_new_points(inputs, tmp_path):
+    cache = tmp_path / "cache"
+    common = {"plane": None, "cache_dir": str(cache), "judges": ["gold"], "reward_model": None}
+    run_landscape(config(inputs, "full", tmp_path / "coarse", line=LineGrid(-0.5, 1.5, 5), **common), quiet=True)
+    assert read_manifest(tmp_path / "coarse")["generated_points"] == 7  # 5 on the line, seed 3, the soup of 3 seeds
+    run_landscape(config(inputs, "full", tmp_path / "fine", line=LineGrid(-0.5, 1.5, 9), **common), quiet=True)
+    manifest = read_manifest(tmp_path / "fine")
+    assert (manifest["generated_points"], manifest["reused_points"]) == (4, 7)  # α = -0.25, 0.25, 0.75, 1.25 are new
+    assert not (tmp_path / "fine" / "plane.png").exists() and (tmp_path / "fine" / "line.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"extrapolate": False}, r"the line beyond \[0, 1\].*needs `extrapolate: true`"),
+        ({"plane": PlaneGrid(0.5, points=[[0.2, 0.2, 0.2]])}, r"sum to 0.6, not 1"),
+        ({"judges": ["reward"], "reward_model": None}, "needs a reward model"),
+        ({"eval_file": "missing/eval.jsonl"}, r"eval_file: .*does not exist"),
+        ({"seeds": ["./missing/seed1", "./missing/seed2"], "plane": None}, "does not exist"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    ],
+)
+def test_bad_input_is_refused_and_leaves_nothing(inputs, tmp_path, overrides, match):
+    with pytest.raises(SalsaError, match=match):
+        run_landscape(config(inputs, "full", tmp_path / "out", **overrides), quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_runs_the_command_from_yaml(inputs, tmp_path):
+    cfg = {"seeds": inputs["full"][:2], "line": {"start": 0.0, "stop": 1.0, "num": 3}, "eval_file": inputs["eval"],
+           "limit": 2, "bootstrap_samples": 20, "output_dir": str(tmp_path / "out"), **GEN}  # fmt: skip
+    path = tmp_path / "landscape.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = cli_main(["landscape", "--config", str(path), "--line.num", "2"])
+    assert [r["alpha"] for r in cli.result["points"]] == [0.0, 1.0, None]  # the soup of two is not on a 2-point line
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["line"]["num"] == 2
+
+
+def test_quickstart_landscape_config_parses(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["landscape", "--config", str(ROOT / "configs/quickstart/landscape.yaml"), "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert len(printed["seeds"]) == 3 and printed["extrapolate"] is True
+    assert printed["line"]["start"] < 0 < 1 < printed["line"]["stop"] and printed["plane"]["margin"] > 0
