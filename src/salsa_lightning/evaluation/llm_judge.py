@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-from salsa_lightning.data.preferences import Messages
+from salsa_lightning.data.chat import Messages
 from salsa_lightning.errors import SalsaError
 
 DEFAULT_TEMPLATE = Path(__file__).with_name("templates") / "pairwise.yaml"

@@ -113,7 +113,6 @@ class PPOModule(L.LightningModule):
         self.resolved_config: str | None = None
         self.history: list[dict[str, float]] = []  # what was logged, one row per update (history.json)
 
-    # ---------------------------------------------------------------- set-up
     def configure_model(self) -> None:
         if self.stack is None:
             sharding = (self.device_mesh, self.fsdp) if uses_fsdp2(self) else None
@@ -134,36 +133,39 @@ class PPOModule(L.LightningModule):
     def configure_callbacks(self):
         return [KLHackCallback(self.kl_hack)] if self.kl_hack.action != "off" else []
 
-    # ---------------------------------------------------------------- one PPO update
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, float] | None:
         self.stack.eval()  # Lightning switches modules to train mode at fit start; PPO wants no dropout
         # Sampling and minibatch order are a function of (seed, rollout): a resumed run continues exactly, whatever
         # else drew random numbers in between; each rank its own stream (rank 0's is the single-process one)
-        torch.manual_seed((current_seed() or 0) * 1_000_003 + self.rollouts_done + self.global_rank * 2**32)
-        self.rollouts_done += 1
-        roll = collect_rollout(self.stack, batch, self.tokenizer, self.gen, self.ppo, self.plan, self.rewards,
-                               self.kl_ctl.value)  # fmt: skip
-        if any_rank(not roll.finite(), self.device):
-            return self._nonfinite("Skipped a PPO update: NaN/inf in the rollout")
-        t0 = time.perf_counter()
-        update_logs, planned = self._optimize(roll)
-        if not update_logs:
-            return self._nonfinite("Skipped a PPO update: NaN/inf in the first minibatch's loss")
-        self.updates_done += 1
-        metrics = {**roll.metrics, "time/optimize": time.perf_counter() - t0, **roll.timings}
-        metrics.update(mean_over_ranks({k: torch.stack([u[k] for u in update_logs]).mean() for k in update_logs[0]}))
-        # the global batch's mean KL per response (metrics are reduced over ranks), so β is the same on every rank
-        self.kl_ctl.update(float(metrics["objective/kl"]), n_steps=roll.ids.shape[0] * world_size())
-        metrics["kl_coef"] = torch.tensor(self.kl_ctl.value)
-        if len(update_logs) < planned:
-            metrics["train/nonfinite_minibatches"] = torch.tensor(float(planned - len(update_logs)))
-            self._nonfinite(f"Cut a PPO update short: {len(update_logs)} of {planned} minibatches ran, then NaN/inf")
-        else:
-            self.nonfinite_in_a_row = 0
-        return self._log_update(metrics, roll, batch_idx)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.lr_schedulers().step()  # once per rollout, whatever the update did: the schedule spans the run's rollouts
+        try:
+            torch.manual_seed((current_seed() or 0) * 1_000_003 + self.rollouts_done + self.global_rank * 2**32)
+            self.rollouts_done += 1
+            roll = collect_rollout(self.stack, batch, self.tokenizer, self.gen, self.ppo, self.plan, self.rewards,
+                                   self.kl_ctl.value)  # fmt: skip
+            if any_rank(not roll.finite(), self.device):
+                return self._nonfinite("Skipped a PPO update: NaN/inf in the rollout")
+            t0 = time.perf_counter()
+            update_logs, planned = self._optimize(roll)
+            if not update_logs:
+                return self._nonfinite("Skipped a PPO update: NaN/inf in the first minibatch's loss")
+            self.updates_done += 1
+            metrics = {**roll.metrics, "time/optimize": time.perf_counter() - t0, **roll.timings}
+            metrics.update(
+                mean_over_ranks({k: torch.stack([u[k] for u in update_logs]).mean() for k in update_logs[0]})
+            )
+            metrics["kl_coef"] = torch.tensor(self.kl_ctl.value)  # the β this rollout's rewards used
+            # the global batch's mean KL per response (metrics are reduced over ranks), so β is the same on every rank
+            self.kl_ctl.update(float(metrics["objective/kl"]), n_steps=roll.ids.shape[0] * world_size())
+            if len(update_logs) < planned:
+                metrics["train/nonfinite_minibatches"] = torch.tensor(float(planned - len(update_logs)))
+                self._nonfinite(
+                    f"Cut a PPO update short: {len(update_logs)} of {planned} minibatches ran, then NaN/inf"
+                )
+            else:
+                self.nonfinite_in_a_row = 0
+            return self._log_update(metrics, roll, batch_idx)
+        finally:
+            self.lr_schedulers().step()  # once per rollout, whatever the update did: it spans the run's rollouts
 
     def _optimize(self, roll: Rollout) -> tuple[list[dict[str, torch.Tensor]], int]:
         """`ppo_epochs` passes of clipped minibatch updates (CleanRL's update phase). A minibatch whose loss is not
@@ -212,7 +214,6 @@ class PPOModule(L.LightningModule):
             roll.print_samples(f"PPO samples, step {self.global_step}")
         return logged  # the training_step output: what callbacks (the KL-hack monitor) read
 
-    # ---------------------------------------------------------------- checkpoints and output
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keys = ("nonfinite_in_a_row", "updates_done", "rollouts_done", "history")
         checkpoint["salsa_ppo"] = {"kl_ctl": self.kl_ctl.state_dict(), **{k: getattr(self, k) for k in keys}}

@@ -21,7 +21,7 @@ from salsa_lightning.models.loading import resolve_model_path
 from salsa_lightning.ppo.anchors import AnchorPlan
 from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
 from salsa_lightning.ppo.stack import POLICY, Stack
-from salsa_lightning.reward.model import reward_max_length, reward_stats
+from salsa_lightning.reward.model import normalization_stats, reward_max_length
 from salsa_lightning.reward.scoring import encode_for_reward
 
 # metrics that are global statistics already (from reduced moments), or counts: not averaged over ranks
@@ -88,10 +88,7 @@ class RewardSource:
         if reward_fn is not None:
             return cls(reward_fn=import_reward_fn(reward_fn))
         path = resolve_model_path(reward_model)
-        stats = reward_stats(path) if normalize else None
-        if normalize and not stats:
-            raise SalsaError(f"normalize_reward needs reward stats in {reward_model}; re-run the reward stage.")
-        return cls(max_length=reward_max_length(path), stats=stats)
+        return cls(max_length=reward_max_length(path), stats=normalization_stats(path) if normalize else None)
 
     def score(self, stack: Stack, tokenizer, messages: list, texts: list[str], device) -> torch.Tensor:
         if self.reward_fn is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from salsa_lightning.errors import SalsaError
+
 
 def optimizer_steps_per_rollout(rows: int, ppo_epochs: int, mini_batch_size: int) -> int:
     """`ppo_epochs` passes of `ceil(rows / mb)` minibatches (mb = min(mini_batch_size, rows))."""
@@ -65,8 +67,14 @@ def schedule_length(trainer, ppo_epochs: int, mini_batch_size: int) -> int:
     rows = epoch_batch_rows(trainer)
     if rows:
         return rollouts_in_run(rows, trainer.max_epochs, trainer.max_steps, ppo_epochs, mini_batch_size)
-    estimate = trainer.estimated_stepping_batches  # an iterable dataset of unknown length: Lightning's guess
-    return int(estimate) if estimate < math.inf else 1
+    # an iterable dataset of unknown length: only a step limit (in optimizer steps) sizes the run
+    size = getattr(trainer.train_dataloader, "batch_size", None)
+    if trainer.max_steps and trainer.max_steps > 0 and size:
+        return max(1, math.ceil(trainer.max_steps / optimizer_steps_per_rollout(size, ppo_epochs, mini_batch_size)))
+    raise SalsaError(
+        "The PPO prompt data has no known length, so the learning-rate schedule cannot be sized; set "
+        "`--trainer.max_steps` (optimizer steps: ppo_epochs x minibatches per rollout)."
+    )
 
 
 __all__ = ["epoch_batch_rows", "schedule_length", "optimizer_steps_per_rollout", "rollouts_in_run"]

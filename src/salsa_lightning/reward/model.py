@@ -133,12 +133,19 @@ def _set_pad(model, pad_token_id: int | None) -> None:
 
 
 def reward_stats(path: str | Path) -> dict | None:
-    """The training-set reward mean/std a reward stage stored (PPO and evaluation normalise with them), checked
-    once here so that normalising never divides by zero; None when the output has none."""
+    """The training-set reward mean/std a reward stage stored (PPO and evaluation can normalise with them)."""
+    return (read_manifest(path) or {}).get("reward_stats")
+
+
+def normalization_stats(path: str | Path) -> dict:
+    """`reward_stats`, for a run that normalises with them: checked once here, so that normalising never divides by
+    zero; a missing or unusable std is one sentence."""
     import math
 
-    stats = (read_manifest(path) or {}).get("reward_stats")
-    if stats and not (math.isfinite(stats.get("std", float("nan"))) and stats["std"] > 0):
+    stats = reward_stats(path)
+    if not stats:
+        raise SalsaError(f"Reward normalisation needs the reward stage's stats in {path}; re-run the reward stage.")
+    if not (math.isfinite(stats.get("std", float("nan"))) and stats["std"] > 0):
         raise SalsaError(
             f"The reward stats in {path} have std {stats.get('std')!r} (must be a finite number > 0); re-run the "
             "reward stage, or turn normalisation off."

@@ -12,7 +12,12 @@ from salsa_lightning.data.chat import Messages, conversation, encode_left_trunca
 from salsa_lightning.data.collate import pad_with_mask
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import ModelSpec, load_tokenizer
-from salsa_lightning.reward.model import load_reward_model, reward_max_length, reward_stats, sequence_scores
+from salsa_lightning.reward.model import (
+    load_reward_model,
+    reward_max_length,
+    reward_stats,
+    sequence_scores,
+)
 from salsa_lightning.rl.rewards import normalize_scores
 
 
@@ -52,8 +57,10 @@ class RewardScorer:
     def score(
         self, prompts: Sequence[str | Messages], responses: Sequence[str], normalize: bool = False
     ) -> torch.Tensor:
-        if normalize and not self.stats:
-            raise SalsaError("Reward normalisation needs the reward stage's stats; re-run the reward stage.")
+        if normalize and not (self.stats and self.stats.get("std", 0) > 0):  # (a NaN std fails the test too)
+            raise SalsaError(
+                "Reward normalisation needs the reward stage's stats with std > 0; re-run the reward stage."
+            )
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(prompts), self.batch_size):
