@@ -355,3 +355,69 @@ def test_kl_hack_errors_name_fields_that_exist(pipeline, capsys):
         msg = run_fails(ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), flag,
                                  reward=str(pipeline / "rm")), capsys)  # fmt: skip
         assert field in msg and "min_length_fraction" not in msg and "reference_updates" not in msg
+
+
+# ---------------------------------------------------------------- critic-free estimators (issue 14)
+@pytest.mark.parametrize("layout", ["lora", "full"])
+@pytest.mark.parametrize("estimator,anchor", [("grpo", "soup"), ("rloo", "init"), ("reinforce_pp", "init")])
+def test_critic_free_estimators_train_without_a_critic(pipeline, layout, estimator, anchor):
+    cli = run(pipeline, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--model.optim.lr=1e-2",
+              f"--model.layout={layout}", f"--model.ppo.advantage_estimator={estimator}", f"--model.anchor={anchor}",
+              "--model.ppo.n_samples_per_prompt=2", f"--model.soup={pipeline / 'soup'}")  # fmt: skip
+    stack = cli.model.stack
+    assert not hasattr(stack, "value") and not hasattr(stack, "value_head")  # no value model is built at all
+    assert not any(".value." in n for n, _ in stack.named_parameters())
+    h = cli.model.history
+    assert len(h) == 2 and all("loss/value_avg" not in row and "val/explained_variance" not in row for row in h)
+    assert h[1]["objective/kl_init"] != 0  # the policy moved from its start (k1 is signed: any non-zero value)
+    assert cli.trainer.global_step == 2 * 2 * 4  # 2 rollouts x 2 PPO epochs x (8 prompts x 2 samples / 4 per minibatch)
+
+
+@pytest.mark.parametrize("layout", ["lora", "full"])
+@pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo", "reinforce_pp"])
+def test_each_estimators_loss_falls_on_its_rollout(pipeline, layout, estimator):
+    from helpers import shorter_is_better
+
+    from salsa_lightning.data.prompts import PromptDataModule
+    from salsa_lightning.models.loading import load_tokenizer
+    from salsa_lightning.ppo.anchors import plan_anchors
+    from salsa_lightning.ppo.build import build_stack
+    from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
+    from salsa_lightning.ppo.losses import minibatch_loss
+    from salsa_lightning.ppo.rollout import RewardSource, collect_rollout
+
+    torch.manual_seed(0)
+    ppo = PPOSpec(
+        advantage_estimator=estimator, n_samples_per_prompt=2, kl_in="loss" if estimator == "grpo" else "reward"
+    )
+    gen = GenerationSpec(max_new_tokens=8)
+    tok = load_tokenizer(str(pipeline / "sft1"), padding_side="left")
+    dm = PromptDataModule(str(pipeline / "prompts.jsonl"), tok, batch_size=4)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    plan = plan_anchors(str(pipeline / "sft1"), "soup", soup=str(pipeline / "soup"))
+    stack = build_stack(
+        layout, ModelSpec(dtype="float32"), plan.policy_init, plan.paths, None, "copy", critic=ppo.critic
+    )
+    roll = collect_rollout(stack, batch, tok, gen, ppo, plan, RewardSource(reward_fn=shorter_is_better), 0.05)
+    assert roll.ids.shape[0] == 8 and roll.advantages.abs().sum() > 0
+    opt = torch.optim.Adam([p for p in stack.parameters() if p.requires_grad], lr=1e-3)
+    rows = roll.rows(torch.arange(8))
+    losses = []
+    for _ in range(4):
+        loss, stats = minibatch_loss(stack, rows, ppo, gen, roll.kl_coef)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    assert ("loss/kl_avg" in stats) == (estimator == "grpo") and ("loss/value_avg" in stats) == (estimator == "gae")
+
+
+def test_kl_in_the_loss_takes_it_out_of_the_reward(pipeline):
+    common = ("--trainer.max_steps=4", "--model.anchor=soup", f"--model.soup={pipeline / 'soup'}")
+    in_reward = run(pipeline, *common).model.history[0]
+    in_loss = run(pipeline, *common, "--model.ppo.kl_in=loss").model.history[0]
+    assert in_reward["objective/non_score_reward"] < 0 and in_loss["objective/non_score_reward"] == 0
+    assert in_loss["objective/kl"] == pytest.approx(in_reward["objective/kl"])  # same rollout, same KL measured
+    assert "loss/kl_avg" in in_loss and "loss/kl_avg" not in in_reward

@@ -25,7 +25,7 @@ from salsa_lightning.data.families import FAMILIES, MAX_WORDS, Task
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluation.stats import Verdict, verdict_from_scores
 
-__all__ = ["MAX_WORDS", "Task", "compare", "parse_prompt", "score"]
+__all__ = ["MAX_WORDS", "Task", "compare", "gold_reward", "parse_prompt", "score"]
 
 _CHATML_USER = re.compile(r"<\|im_start\|>user\s*\n(.*?)<\|im_end\|>", re.S)
 _END_TOKENS = re.compile(r"(<\|im_end\|>|<\|endoftext\|>|</s>)+\s*$")
@@ -80,3 +80,12 @@ def compare(prompt: str, response_a: str, response_b: str, tie_margin: float = 0
     if tie_margin < 0:
         raise SalsaError(f"tie_margin must be >= 0, got {tie_margin}; pass a non-negative margin.")
     return verdict_from_scores(score(prompt, response_a), score(prompt, response_b), tie_margin)
+
+
+def gold_reward(prompts: list, responses: list[str]) -> list[float]:
+    """The gold judge as a PPO `reward_fn` (`salsa_lightning.data.judge:gold_reward`): each response's score against
+    its prompt's last user turn. RL with a verifiable reward: learning measured against the truth."""
+    def question(prompt) -> str:
+        return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+    return [score(question(p), r) for p, r in zip(prompts, responses, strict=True)]

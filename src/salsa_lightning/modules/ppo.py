@@ -24,9 +24,9 @@ from salsa_lightning.ppo.anchors import check_tokenizers, plan_anchors
 from salsa_lightning.ppo.build import build_stack
 from salsa_lightning.ppo.callbacks import KLHackCallback
 from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec
-from salsa_lightning.ppo.rollout import RewardSource, Rollout, collect_rollout, response_logprobs
+from salsa_lightning.ppo.losses import minibatch_loss
+from salsa_lightning.ppo.rollout import RewardSource, Rollout, collect_rollout
 from salsa_lightning.ppo.schedule import schedule_length
-from salsa_lightning.ppo.stack import POLICY
 from salsa_lightning.stage import check_output_dir
 
 
@@ -117,7 +117,7 @@ class PPOModule(L.LightningModule):
         if self.stack is None:
             sharding = (self.device_mesh, self.fsdp) if uses_fsdp2(self) else None
             self.stack = build_stack(self.layout, self.spec, self.policy_init, self.plan.paths, self.reward_model,
-                                     self.value_head, sharding)  # fmt: skip
+                                     self.value_head, sharding, critic=self.ppo.critic)  # fmt: skip
 
     def configure_optimizers(self):
         from transformers import get_scheduler
@@ -125,7 +125,9 @@ class PPOModule(L.LightningModule):
         params = [p for p in self.stack.parameters() if p.requires_grad]
         o = self.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
-        total = schedule_length(self.trainer, self.ppo.ppo_epochs, self.ppo.mini_batch_size)
+        total = schedule_length(
+            self.trainer, self.ppo.ppo_epochs, self.ppo.mini_batch_size, self.ppo.n_samples_per_prompt
+        )
         warmup = int(o.warmup_ratio * total)
         scheduler = get_scheduler(o.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
@@ -177,21 +179,16 @@ class PPOModule(L.LightningModule):
         for _ in range(self.ppo.ppo_epochs):
             order = torch.randperm(B, device=roll.ids.device)
             for start in range(0, B, mb):
-                m = roll.rows(order[start : start + mb])
-                new_logp = response_logprobs(self.stack, POLICY, m["ids"], m["mask"], m["pos"], m["response"],
-                                             self.gen.temperature)  # fmt: skip
-                pg = rl.policy_loss(new_logp, m["logp"], m["advantages"], m["resp_mask"], self.ppo.cliprange)
-                values = self.stack.values(m["ids"], m["mask"], m["pos"])  # (b, L)
-                new_values = rl.response_logits(values, m["response"].shape[1])  # (b, R)
-                vf = rl.value_loss(new_values, m["values"], m["returns"], m["resp_mask"], self.ppo.cliprange_value)
-                loss = pg.loss + self.ppo.vf_coef * vf.loss
+                loss, stats = minibatch_loss(
+                    self.stack, roll.rows(order[start : start + mb]), self.ppo, self.gen, roll.kl_coef
+                )
                 opt.zero_grad()
                 if any_rank(not torch.isfinite(loss), self.device):
                     return logs, planned
                 self.manual_backward(loss)
                 self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
-                logs.append(rl.update_metrics(pg, vf))
+                logs.append(stats)
         return logs, planned
 
     def _nonfinite(self, what: str) -> None:

@@ -28,10 +28,11 @@ def build_stack(
     reward: str | None,
     value_head: str,
     sharding: tuple[Any, FSDPSpec] | None = None,
+    critic: bool = True,
 ) -> Stack:
     """The stack for `layout` (`auto`: lora when every model is an adapter), sharded per decoder layer when
     `sharding` = (device mesh, FSDPSpec) is given, in eval mode (no dropout: rollout and update log-probs must come
-    from the same function)."""
+    from the same function). `critic=False`: no value model (critic-free advantage estimators)."""
     if layout == "auto":
         adapters = [policy_init, *([reward] if reward else [])]
         for anchor in anchors.values():
@@ -45,7 +46,7 @@ def build_stack(
     # loaded never changes the rollouts (PPO and SALSA runs then share sampling noise)
     with torch.random.fork_rng(devices=[]):
         cls = FullStack if layout == "full" else LoraStack
-        stack = cls(spec, policy_init, anchors, reward, value_head, sharding)
+        stack = cls(spec, policy_init, anchors, reward, value_head, sharding, critic)
     if sharding is not None:
         stack.shard(*sharding)
     return stack.eval()

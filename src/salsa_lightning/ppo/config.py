@@ -96,9 +96,35 @@ class PPOSpec:
     """Gradient clipping."""
     max_nonfinite_in_a_row: int = 3
     """Stop after this many consecutive updates with NaN/inf (skipped or cut short)."""
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """`gae`: PPO with a critic. Critic-free (no value model is built): `grpo` (group-normalised sequence rewards),
+    `rloo` (leave-one-out baseline), `reinforce_pp` (REINFORCE++: token returns whitened over the batch).
+    Every anchor (init, soup, MKL) works with every estimator."""
+    n_samples_per_prompt: int = 1
+    """Responses sampled per prompt (the group of `grpo`/`rloo`, which need at least 2); a batch of P prompts is
+    P × n rollout rows."""
+    scale_rewards: bool = True
+    """`grpo`: divide by the group's std (False = Dr. GRPO: centre only)."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL penalty to the anchor enters: per token in the reward (PPO, paper eq. 2/4), or as
+    `kl_coef · mean(k3)` in the loss (GRPO's form)."""
+
+    @property
+    def critic(self) -> bool:
+        """Whether the estimator needs a value model."""
+        return self.advantage_estimator == "gae"
 
     def __post_init__(self) -> None:
         f = "model.ppo."
+        _check(self.n_samples_per_prompt >= 1, f + "n_samples_per_prompt", self.n_samples_per_prompt, ">= 1", 4)
+        if self.advantage_estimator in ("grpo", "rloo"):
+            _check(
+                self.n_samples_per_prompt >= 2,
+                f + "n_samples_per_prompt",
+                self.n_samples_per_prompt,
+                f"at least 2 for `advantage_estimator: {self.advantage_estimator}` (it compares responses to one prompt)",
+                4,
+            )
         _check(self.ppo_epochs >= 1, f + "ppo_epochs", self.ppo_epochs, "at least 1", 2)
         _check(self.mini_batch_size >= 1, f + "mini_batch_size", self.mini_batch_size, "at least 1", 4)
         for name, example in (("cliprange", 0.2), ("cliprange_value", 0.2)):

@@ -51,10 +51,12 @@ class FullStack(nn.Module):
         reward: str | None,
         value_head: str,
         sharding: tuple[Any, FSDPSpec] | None = None,
+        critic: bool = True,
     ):
         """`sharding` = (device mesh, FSDPSpec): full-weight directories (and full-weight soups) are then read
         straight into FSDP2 shards (`soup.sharded.load_sharded`), so no rank holds a whole copy of any of the
-        five models; adapters are merged whole first and sharded by `shard`."""
+        five models; adapters are merged whole first and sharded by `shard`. `critic=False` (critic-free
+        estimators): no value model is built at all."""
         super().__init__()
         self.sharding = sharding
         self.policy = self._causal_lm([policy_init], None, spec).requires_grad_(True)
@@ -70,13 +72,13 @@ class FullStack(nn.Module):
         pad = self.policy.config.pad_token_id
         if reward is not None:
             self.reward = self._reward_model(reward, spec, pad).requires_grad_(False)
-        # the critic starts from the reward model, or (programmatic reward) from the policy's own weights
-        self.value = self._reward_model(reward or policy_init, spec, pad).requires_grad_(True)
+        if critic:  # it starts from the reward model, or (programmatic reward) from the policy's own weights
+            self.value = self._reward_model(reward or policy_init, spec, pad).requires_grad_(True)
+            if value_head == "reinit" or reward is None:
+                nn.init.zeros_(unwrap(self.value).score.weight)
         if spec.gradient_checkpointing and sharding is not None:
-            for model in (self.policy, self.value):
+            for model in (self.policy, *([self.value] if critic else [])):
                 enable_gradient_checkpointing(model)
-        if value_head == "reinit" or reward is None:
-            nn.init.zeros_(unwrap(self.value).score.weight)
 
     def _shards_directly(self, paths: list[str]) -> bool:
         return self.sharding is not None and not any(is_adapter_dir(resolve_model_path(p)) for p in paths)
@@ -131,7 +133,7 @@ class FullStack(nn.Module):
             self.policy,
             *self.anchors.values(),
             *([self.reward] if hasattr(self, "reward") else []),
-            self.value,
+            *([self.value] if hasattr(self, "value") else []),
         ):
             if not is_sharded(model):  # those read straight into shards already are
                 shard_decoder_layers(model, device_mesh, spec)

@@ -46,6 +46,7 @@ class LoraStack(nn.Module):
         reward: str | None,
         value_head: str,
         sharding: tuple[Any, FSDPSpec] | None = None,
+        critic: bool = True,
     ):
         """`sharding` (FSDP2, bf16/fp32 base): the base is built on the meta device and `shard` reads only each
         rank's rows of the base checkpoint and of every adapter, so no rank holds the whole base."""
@@ -98,17 +99,20 @@ class LoraStack(nn.Module):
                 self._record(name, path)
         hidden = base.config.hidden_size
         self.reward_head = nn.Linear(hidden, 1, bias=False).requires_grad_(False)
-        self.value_head = nn.Linear(hidden, 1, bias=False)
         if reward is not None:
             self._add_scoring_adapter("reward", reward, self.reward_head)
-            self._add_scoring_adapter("value", reward, self.value_head)
-        else:  # programmatic reward: the critic starts from the policy's adapter with a zero head
-            self.model.load_adapter(resolve_model_path(policy_init), adapter_name="value", is_trainable=True)
-            self._record("value", policy_init)
-        if value_head == "reinit" or reward is None:
-            nn.init.zeros_(self.value_head.weight)
-        self.value_head.requires_grad_(True)
-        self._trainable = {"policy", "value"}
+        self._trainable = {POLICY}
+        if critic:  # critic-free estimators build no value adapter or head at all
+            self.value_head = nn.Linear(hidden, 1, bias=False)
+            if reward is not None:
+                self._add_scoring_adapter("value", reward, self.value_head)
+            else:  # programmatic reward: the critic starts from the policy's adapter with a zero head
+                self.model.load_adapter(resolve_model_path(policy_init), adapter_name="value", is_trainable=True)
+                self._record("value", policy_init)
+            if value_head == "reinit" or reward is None:
+                nn.init.zeros_(self.value_head.weight)
+            self.value_head.requires_grad_(True)
+            self._trainable.add("value")
         self._set_flags()
 
     def _add_soup_adapter(self, name: str, soup: InMemorySoup) -> None:
@@ -225,5 +229,6 @@ class LoraStack(nn.Module):
             shard_decoder_layers(unwrap(self.model), device_mesh, spec)
         self.adapter_weights = {}
         shard_module(self.reward_head, device_mesh, spec)
-        shard_module(self.value_head, device_mesh, spec)
+        if hasattr(self, "value_head"):
+            shard_module(self.value_head, device_mesh, spec)
         self.fsdp = spec

@@ -40,9 +40,11 @@ class Rollout:
     response: torch.Tensor  # (B, R) sampled tokens
     resp_mask: torch.Tensor  # (B, R) bool, real response tokens (up to and incl. the first EOS)
     logp: torch.Tensor  # (B, R) the policy's log-probs at sampling time (PPO's "old" log-probs)
-    values: torch.Tensor  # (B, R) critic values at sampling time
+    values: torch.Tensor  # (B, R) critic values at sampling time (0 without a critic)
     advantages: torch.Tensor  # (B, R)
-    returns: torch.Tensor  # (B, R) value targets
+    returns: torch.Tensor  # (B, R) value targets (0 without a critic)
+    anchor_logp: torch.Tensor  # (J, B, R) the penalty anchors' log-probs (for the KL in the loss)
+    kl_coef: float  # β of this rollout
     scores: torch.Tensor  # (B,) scores put into the reward (after normalisation / missing-EOS penalty)
     raw_scores: torch.Tensor  # (B,) the reward's own scores
     texts: list[str]  # decoded responses
@@ -53,7 +55,7 @@ class Rollout:
     def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The minibatch `idx` of every tensor a clipped update reads (CleanRL's `mb_` tensors)."""
         names = ("ids", "mask", "pos", "response", "resp_mask", "logp", "values", "advantages", "returns")
-        return {name: getattr(self, name)[idx] for name in names}
+        return {**{name: getattr(self, name)[idx] for name in names}, "anchor_logp": self.anchor_logp[:, idx]}
 
     def print_samples(self, title: str, n: int = 3) -> None:
         """A Rich table of the first `n` prompts, responses and scores, printed."""
@@ -119,6 +121,37 @@ def response_logprobs(stack: Stack, name: str, ids, mask, pos, response, tempera
     return rl.logprobs_from_logits(rl.response_logits(logits, response.shape[1]), response, temperature)
 
 
+def repeat_prompts(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """Each prompt row `n` times in a row (a group's rows contiguous, as the group estimators expect)."""
+    if n == 1:
+        return batch
+    return {
+        k: v.repeat_interleave(n, dim=0) if isinstance(v, torch.Tensor) else [x for x in v for _ in range(n)]
+        for k, v in batch.items()
+    }
+
+
+def estimate_advantages(
+    ppo: PPOSpec, rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, all_reduce=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), both (B, R), by `ppo.advantage_estimator` from per-token `rewards` (the score at the
+    last real token plus any KL-in-reward term); critic-free estimators return zero returns."""
+    if ppo.advantage_estimator == "gae":
+        gae = rl.compute_gae(rewards, values, mask, ppo.gamma, ppo.lam, ppo.whiten_advantages, all_reduce)
+        return gae.advantages, gae.returns
+    if ppo.advantage_estimator == "reinforce_pp":
+        advantages = rl.reinforce_pp_advantages(rewards, mask, ppo.gamma, all_reduce)
+    else:
+        sequence = rl.masked_sum(rewards, mask, dim=1)  # (B,) each response's total reward
+        G = ppo.n_samples_per_prompt
+        if ppo.advantage_estimator == "grpo":
+            per_row = rl.group_advantages(sequence, G, scale_by_std=ppo.scale_rewards)
+        else:
+            per_row = rl.rloo_advantages(sequence, G)
+        advantages = rl.broadcast_to_tokens(per_row, mask)
+    return advantages, torch.zeros_like(advantages)
+
+
 @torch.no_grad()
 def collect_rollout(
     stack: Stack,
@@ -131,6 +164,7 @@ def collect_rollout(
     kl_coef: float,
 ) -> Rollout:
     timings: dict[str, float] = {}
+    batch = repeat_prompts(batch, ppo.n_samples_per_prompt)
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     t0 = time.perf_counter()
     out = stack.generate(
@@ -165,28 +199,38 @@ def collect_rollout(
     entropy = rl.entropy_from_logits(rl.response_logits(logits, response.shape[1]), T)  # (B, R)
     del logits
     anchor_logp = {name: response_logprobs(stack, name, ids, mask, pos, response, T) for name in plan.paths}
-    values = rl.response_logits(stack.values(ids, mask, pos), response.shape[1])  # (B, R)
+    values = rl.response_logits(stack.values(ids, mask, pos), response.shape[1]) if ppo.critic else None  # (B, R)
     timings["time/forward"] = time.perf_counter() - t0
 
-    if len(plan.names) == 1:
-        kl = rl.kl_penalty(logp, anchor_logp[plan.names[0]], ppo.kl_estimator)  # (B, R)
-    else:
-        kl = rl.multi_anchor_kl(logp, torch.stack([anchor_logp[n] for n in plan.names]), ppo.kl_estimator)
+    refs = torch.stack([anchor_logp[n] for n in plan.names])  # (J, B, R)
+    kl = (
+        rl.kl_penalty(logp, refs[0], ppo.kl_estimator)
+        if len(refs) == 1
+        else rl.multi_anchor_kl(logp, refs, ppo.kl_estimator)
+    )
     named_kls = {n: rl.kl_penalty(logp, anchor_logp[n], ppo.kl_estimator) for n in plan.logged}
     scores = rl.apply_missing_eos_penalty(raw_scores, has_eos, ppo.missing_eos_penalty)
-    shaped = rl.shape_rewards(scores, kl, resp_mask, kl_coef)
+    shaped = rl.shape_rewards(scores, kl, resp_mask, kl_coef if ppo.kl_in == "reward" else 0.0)
     all_reduce = sum_over_ranks if world_size() > 1 else None
-    gae = rl.compute_gae(
-        shaped.rewards, values, resp_mask, ppo.gamma, ppo.lam, whiten=ppo.whiten_advantages, all_reduce=all_reduce
-    )
+    advantages, returns = estimate_advantages(ppo, shaped.rewards, values, resp_mask, all_reduce)
     metrics = rl.rollout_metrics(scores, shaped, kl, resp_mask, has_eos, entropy, named_kls, all_reduce=all_reduce)
-    metrics["val/explained_variance"] = rl.explained_variance(values, gae.returns, resp_mask, all_reduce=all_reduce)
+    if values is not None:
+        metrics["val/explained_variance"] = rl.explained_variance(values, returns, resp_mask, all_reduce=all_reduce)
     metrics = mean_over_ranks(metrics, counts=COUNT_METRICS, exact=GLOBAL_METRICS)
     return Rollout(
-        ids=ids, mask=mask, pos=pos, response=response, resp_mask=resp_mask, logp=logp, values=values,
-        advantages=gae.advantages, returns=gae.returns, scores=scores, raw_scores=raw_scores, texts=texts,
+        ids=ids, mask=mask, pos=pos, response=response, resp_mask=resp_mask, logp=logp,
+        values=values if values is not None else torch.zeros_like(logp), advantages=advantages, returns=returns,
+        anchor_logp=refs, kl_coef=kl_coef, scores=scores, raw_scores=raw_scores, texts=texts,
         messages=batch["messages"], metrics=metrics, timings=timings,
     )  # fmt: skip
 
 
-__all__ = ["Rollout", "RewardSource", "collect_rollout", "import_reward_fn", "response_logprobs"]
+__all__ = [
+    "Rollout",
+    "RewardSource",
+    "collect_rollout",
+    "estimate_advantages",
+    "import_reward_fn",
+    "repeat_prompts",
+    "response_logprobs",
+]

@@ -62,14 +62,16 @@ def epoch_batch_rows(trainer) -> list[int] | None:
     return [min(size, n - i * size) for i in range(int(batches))]
 
 
-def schedule_length(trainer, ppo_epochs: int, mini_batch_size: int) -> int:
-    """Rollouts in the run the trainer is set up for: what a per-rollout LR schedule must span."""
-    rows = epoch_batch_rows(trainer)
+def schedule_length(trainer, ppo_epochs: int, mini_batch_size: int, samples_per_prompt: int = 1) -> int:
+    """Rollouts in the run the trainer is set up for: what a per-rollout LR schedule must span (each prompt of a
+    batch becomes `samples_per_prompt` rollout rows)."""
+    rows = [r * samples_per_prompt for r in epoch_batch_rows(trainer) or []]
     if rows:
         return rollouts_in_run(rows, trainer.max_epochs, trainer.max_steps, ppo_epochs, mini_batch_size)
     # an iterable dataset of unknown length: only a step limit (in optimizer steps) sizes the run
     size = getattr(trainer.train_dataloader, "batch_size", None)
     if trainer.max_steps and trainer.max_steps > 0 and size:
+        size *= samples_per_prompt
         return max(1, math.ceil(trainer.max_steps / optimizer_steps_per_rollout(size, ppo_epochs, mini_batch_size)))
     raise SalsaError(
         "The PPO prompt data has no known length, so the learning-rate schedule cannot be sized; set "

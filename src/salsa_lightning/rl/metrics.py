@@ -64,16 +64,23 @@ def rollout_metrics(
 
 
 @torch.no_grad()
-def update_metrics(pg: PolicyLossOutput, vf: ValueLossOutput) -> dict[str, torch.Tensor]:
+def update_metrics(
+    pg: PolicyLossOutput, vf: ValueLossOutput | None = None, kl_loss: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Statistics of one minibatch update; the module averages them over the update's minibatches.
 
-    Keys: `policy/approxkl_avg`, `policy/clipfrac_avg`, `loss/policy_avg`, `loss/value_avg`,
-    `val/clipfrac_avg`. (`val/explained_variance` comes from `explained_variance` on the rollout.)
+    Keys: `policy/approxkl_avg`, `policy/clipfrac_avg`, `loss/policy_avg`; with a critic `loss/value_avg`,
+    `val/clipfrac_avg` (`val/explained_variance` comes from `explained_variance` on the rollout); with the KL
+    in the loss `loss/kl_avg`.
     """
-    return {
+    out = {
         "policy/approxkl_avg": pg.approx_kl.detach(),
         "policy/clipfrac_avg": pg.clipfrac.detach(),
         "loss/policy_avg": pg.loss.detach(),
-        "loss/value_avg": vf.loss.detach(),
-        "val/clipfrac_avg": vf.clipfrac.detach(),
     }
+    if vf is not None:
+        out["loss/value_avg"] = vf.loss.detach()
+        out["val/clipfrac_avg"] = vf.clipfrac.detach()
+    if kl_loss is not None:
+        out["loss/kl_avg"] = kl_loss.detach()
+    return out
