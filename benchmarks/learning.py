@@ -1,0 +1,208 @@
+"""Learning curves like CleanRL's, on a task with a known answer: RL from the quickstart's SFT seed 1 with the task
+suite's gold judge as the reward (RLVR), held-out gold measured greedily every K updates.
+
+    python benchmarks/learning.py                                  # GAE and GRPO x init and soup anchors, seed 1
+    python benchmarks/learning.py --arms grpo:soup gae:init --seeds 1 2 --updates 32 --eval-every 8
+
+Each arm (estimator:anchor, seed) runs `configs/quickstart/rlvr-*.yaml` through the real CLI in a subprocess, with
+`GoldCurve` (below) as an extra callback. It prints a table — gold before, gold after, the paired gain over prompts
+with a bootstrap 95% interval, KL to init and to the soup at the last update, seconds per update, wall time — and
+writes `results.json`, `table.md` and `curves.png` under `--out`. A finished arm is cached (`arm.json`) and skipped on
+a re-run; the quickstart's SFT seeds and soup are built first if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+QS = ROOT / "outputs" / "quickstart"
+CONFIGS = {
+    ("gae", "init"): "rlvr-ppo",
+    ("gae", "soup"): "rlvr-salsa",
+    ("grpo", "init"): "rlvr-grpo",
+    ("grpo", "soup"): "rlvr-salsa-grpo",
+}
+PREREQUISITES = [  # (output, command): the quickstart steps RL starts from
+    (QS / "data", ["data", "--config", "configs/quickstart/data.yaml"]),
+    (QS / "sft-seed1", ["fit", "--config", "configs/quickstart/sft.yaml", "--seed_everything", "1"]),
+    (QS / "sft-seed2", ["fit", "--config", "configs/quickstart/sft.yaml", "--seed_everything", "2"]),
+    (QS / "soup", ["soup", "--config", "configs/quickstart/soup.yaml"]),
+]
+
+
+class GoldCurve(Callback):
+    """Held-out gold score of the policy, greedy, on the suite's eval prompts: before training, every `every`
+    updates, and at the end; written to `path` as {"points": [{"update", "<split>": [score per prompt]}]}."""
+
+    def __init__(self, path: str, eval_files: dict[str, str], every: int = 8, max_new_tokens: int = 48):
+        self.path, self.eval_files, self.every, self.max_new_tokens = Path(path), eval_files, every, max_new_tokens
+        self.points: list[dict] = []
+
+    def _evaluate(self, pl_module) -> None:
+        from salsa_lightning.data import judge
+        from salsa_lightning.data.prompts import prompt_messages
+        from salsa_lightning.data.sources import load_rows
+        from salsa_lightning.evaluation.generation import encode_prompts, generate_responses
+
+        point = {"update": pl_module.updates_done}
+        for split, source in self.eval_files.items():
+            rows = [dict(r) for r in load_rows(source, split="test")]
+            messages = [prompt_messages(r, i) for i, r in enumerate(rows)]
+            ids, _ = encode_prompts(pl_module.tokenizer, messages, 512)
+            pl_module.stack.eval()
+            out = generate_responses(pl_module.stack, pl_module.tokenizer, ids, self.max_new_tokens, batch_size=16)
+            point[split] = judge.gold_reward(messages, [g.text for g in out])
+        self.points.append(point)
+        self.path.write_text(json.dumps({"points": self.points}))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._evaluate(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        done = pl_module.updates_done
+        if outputs and done % self.every == 0 and self.points[-1]["update"] != done:
+            self._evaluate(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.points[-1]["update"] != pl_module.updates_done:
+            self._evaluate(pl_module)
+
+
+def ensure_quickstart(python: str) -> None:
+    for out, args in PREREQUISITES:
+        if not out.exists():
+            print(f"== building {out.relative_to(ROOT)}", flush=True)
+            subprocess.run([python, "-m", "salsa_lightning", *args], cwd=ROOT, check=True)
+
+
+def run_arm(python: str, estimator: str, anchor: str, seed: int, updates: int, every: int, out: Path) -> dict:
+    cached = out / "arm.json"
+    if cached.exists():
+        print(f"== {out.name}: cached", flush=True)
+        return json.loads(cached.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    evals = {"id": str(QS / "data" / "eval_id.jsonl"), "ood": str(QS / "data" / "eval_ood.jsonl")}
+    cmd = [
+        python, "-m", "salsa_lightning", "fit", "--config", f"configs/quickstart/{CONFIGS[(estimator, anchor)]}.yaml",
+        f"--seed_everything={seed}", f"--trainer.limit_train_batches={updates}", "--trainer.max_epochs=1",
+        "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.sample_table_every=0",
+        f"--model.output_dir={out / 'policy'}", "--model.overwrite=true",
+        "--trainer.callbacks+=learning.GoldCurve", f"--trainer.callbacks.path={out / 'curve.json'}",
+        f"--trainer.callbacks.eval_files={json.dumps(evals)}", f"--trainer.callbacks.every={every}",
+    ]  # fmt: skip
+    print(f"== {out.name}: {' '.join(cmd[3:])}", flush=True)
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'benchmarks'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.run(cmd, cwd=ROOT, check=True, env=env)
+    wall = time.perf_counter() - t0
+    history = json.loads((out / "policy" / "history.json").read_text())
+    times = [sum(v for k, v in h.items() if k.startswith("time/")) for h in history]
+    result = {
+        "estimator": estimator, "anchor": anchor, "seed": seed, "wall_s": wall,
+        "s_per_update": sum(times) / max(len(times), 1),
+        "optimize_s": sum(h["time/optimize"] for h in history) / max(len(history), 1),
+        "forward_s": sum(h["time/forward"] for h in history) / max(len(history), 1),
+        "kl_init": history[-1].get("objective/kl_init"), "kl_soup": history[-1].get("objective/kl_soup"),
+        "train_score_first": history[0]["objective/scores"], "train_score_last": history[-1]["objective/scores"],
+        "curve": json.loads((out / "curve.json").read_text())["points"],
+    }  # fmt: skip
+    cached.write_text(json.dumps(result))
+    return result
+
+
+def summarise(result: dict, split: str) -> dict:
+    """Gold before / after and the paired gain over prompts, with a bootstrap 95% interval."""
+    import numpy as np
+
+    from salsa_lightning.evaluation.stats import bootstrap_interval
+
+    first, last = result["curve"][0][split], result["curve"][-1][split]
+    gain = np.asarray(last) - np.asarray(first)
+    lo, hi = bootstrap_interval(gain, samples=2000, seed=0)
+    return {"before": float(np.mean(first)), "after": float(np.mean(last)), "gain": float(gain.mean()), "ci": (lo, hi)}
+
+
+def report(results: list[dict], out: Path) -> str:
+    lines = [
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
+        "",
+        "| arm | seed | split | gold before | gold after | gain [95% CI] | KL init | KL soup | s/update | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for split in ("id", "ood"):
+            s = summarise(r, split)
+            kl = [f"{r[k]:.2f}" if r[k] is not None else "—" for k in ("kl_init", "kl_soup")]
+            lines.append(
+                f"| {r['estimator']}:{r['anchor']} | {r['seed']} | {split} | {s['before']:.3f} | {s['after']:.3f} | "
+                f"{s['gain']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}] | {kl[0]} | {kl[1]} | "
+                f"{r['s_per_update']:.1f} | {r['wall_s']:.0f} |"
+            )
+    by = {(r["estimator"], r["anchor"], r["seed"]): r for r in results}
+    for (est, anchor, seed), r in by.items():
+        if est == "grpo" and ("gae", anchor, seed) in by:
+            g = by[("gae", anchor, seed)]
+            lines.append(
+                f"\ngrpo vs gae ({anchor}, seed {seed}): update (forward + optimise) "
+                f"{(r['forward_s'] + r['optimize_s']) / (g['forward_s'] + g['optimize_s']):.2f}x, whole update "
+                f"{r['s_per_update'] / g['s_per_update']:.2f}x (both 16 rollout rows: 16 prompts for gae, 4 x 4 for grpo)"
+            )
+    text = "\n".join(lines)
+    (out / "table.md").write_text(text + "\n")
+    plot(results, out / "curves.png")
+    return text
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, split in zip(axes, ("id", "ood")):
+        for r in results:
+            xs = [p["update"] for p in r["curve"]]
+            ys = [sum(p[split]) / len(p[split]) for p in r["curve"]]
+            ax.plot(xs, ys, marker="o", label=f"{r['estimator']}:{r['anchor']} s{r['seed']}")
+        ax.set_title(f"held-out gold ({split}), greedy")
+        ax.set_xlabel("update")
+    axes[0].set_ylabel("mean gold score")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", nargs="+", default=["gae:init", "gae:soup", "grpo:init", "grpo:soup"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1])
+    ap.add_argument("--updates", type=int, default=24, help="rollouts per run")
+    ap.add_argument("--eval-every", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learning")
+    ap.add_argument("--python", default=sys.executable)
+    args = ap.parse_args()
+    ensure_quickstart(args.python)
+    results = []
+    for arm in args.arms:
+        estimator, anchor = arm.split(":")
+        for seed in args.seeds:
+            out = args.out / f"{estimator}-{anchor}-s{seed}-u{args.updates}"
+            results.append(run_arm(args.python, estimator, anchor, seed, args.updates, args.eval_every, out))
+    print(report(results, args.out))
+
+
+if __name__ == "__main__":
+    main()
