@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.modules.common import OptimSpec
 from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec
 from salsa_lightning.ppo.schedule import optimizer_steps_per_rollout, rollouts_in_run
 
@@ -77,3 +78,52 @@ def test_rollouts_in_run_matches_playing_the_run(batch_rows, max_epochs, max_ste
         return  # Lightning sets max_epochs=1000 itself then
     expected = naive_rollouts(batch_rows, max_epochs, max_steps, ppo_epochs=2, mb=4)
     assert rollouts_in_run(batch_rows, max_epochs, max_steps, ppo_epochs=2, mini_batch_size=4) == expected
+
+
+@pytest.mark.parametrize(
+    "build,field",
+    [
+        (
+            lambda: OptimSpec(lr=0.0),
+            "model.optim.lr",
+        ),
+        (
+            lambda: OptimSpec(lr=-1e-4),
+            "model.optim.lr",
+        ),
+        (
+            lambda: OptimSpec(warmup_ratio=1.0),
+            "model.optim.warmup_ratio",
+        ),
+        (
+            lambda: OptimSpec(betas=(0.9, 1.0)),
+            "model.optim.betas",
+        ),
+    ],
+)
+def test_optimizer_settings_are_checked_when_parsed(build, field):
+    with pytest.raises(SalsaError, match="set it to e.g.") as err:
+        build()
+    assert f"`{field}`" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "module,kwargs,field",
+    [
+        ("salsa_lightning.data.sft:SFTDataModule", {"batch_size": 0}, "data.batch_size"),
+        ("salsa_lightning.data.sft:SFTDataModule", {"val_fraction": 1.0}, "data.val_fraction"),
+        ("salsa_lightning.data.preferences:PreferenceDataModule", {"max_length": 0}, "data.max_length"),
+        ("salsa_lightning.data.preferences:PreferenceDataModule", {"val_fraction": 0.0}, "data.val_fraction"),
+        ("salsa_lightning.data.prompts:PromptDataModule", {"batch_size": -2}, "data.batch_size"),
+        ("salsa_lightning.data.prompts:PromptDataModule", {"max_prompt_length": 0}, "data.max_prompt_length"),
+        ("salsa_lightning.data.prompts:PromptDataModule", {"limit": 0}, "data.limit"),
+    ],
+)
+def test_data_module_numbers_are_checked_when_parsed(module, kwargs, field):
+    import importlib
+
+    mod, _, name = module.partition(":")
+    cls = getattr(importlib.import_module(mod), name)
+    with pytest.raises(SalsaError, match="set it to e.g.") as err:
+        cls("rows.jsonl", **kwargs)  # checked before the data file is even looked at
+    assert f"`{field}`" in str(err.value)

@@ -19,3 +19,10 @@ def user_error(exc: BaseException) -> SalsaError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def require(ok: bool, field: str, value, wanted: str, example) -> None:
+    """A config check: unless `ok`, one sentence naming `field` as the user writes it, what it must be and a value
+    that works (raised where the config is parsed, before any work)."""
+    if not ok:
+        raise SalsaError(f"`{field}` must be {wanted} (got {value!r}); set it to e.g. {example}.")

@@ -27,25 +27,78 @@ CHECKPOINT_KEY = "salsa_lightning"
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) if `path` exists and `overwrite` is off."""
+    """Fail early (before any work) if `path` cannot become this stage's output directory: it exists and `overwrite`
+    is off, it is a file, or the directory it would be made in is not a writable directory."""
     path = Path(path)
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        raise SalsaError(f"The output path {path} is a file, not a directory; choose a directory path for the output.")
     if path.exists() and not overwrite:
         raise SalsaError(
             f"The output directory {path} already exists; choose another path or set `overwrite: true` to replace it."
         )
+    parent = path.absolute().parent
+    while not parent.exists():  # missing parents are made; the nearest existing one must take new entries
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SalsaError(
+            f"The output path {path} lies under {parent}, which is a file; choose a path under a directory."
+        )
+    if not _writable(parent):
+        raise SalsaError(f"Cannot write the output {path}: {parent} is not writable; choose a writable location.")
     return path
+
+
+def _writable(directory: Path) -> bool:
+    """Whether a new entry can be made in `directory` (tried, since permissions alone miss read-only mounts and root)."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".salsa-probe-", dir=directory))
+    except OSError:
+        return False
+    return True
+
+
+def _remove_dead_temp_dirs(path: Path) -> None:
+    """Remove the temporary directories an earlier run of this stage left beside `path` when it was killed (their
+    names carry the writer's pid; a directory whose process still runs is left alone)."""
+    for entry in path.parent.glob(f".{path.name}.tmp-*-*"):
+        pid = entry.name[len(f".{path.name}.tmp-") :].split("-", 1)[0]
+        if entry.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to `path`; on success rename it to `path`, on error delete it.
 
+    The directory gets the permissions any `mkdir` would (the umask's), not `mkdtemp`'s private 0700, so teammates
+    and serving processes can read the output. Dead temporary directories of killed runs are removed first.
+
     >>> with atomic_output_dir("out/soup") as tmp:   # doctest: +SKIP
     ...     (tmp / "model.safetensors").write_bytes(...)
     """
     path = check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    _remove_dead_temp_dirs(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:

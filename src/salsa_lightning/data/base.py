@@ -9,13 +9,32 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from salsa_lightning.data.sources import load_rows
-from salsa_lightning.errors import SalsaError
+from salsa_lightning.errors import SalsaError, require
+
+# the numeric fields the data modules share: (what it must be, the check, a value that works)
+_FIELDS = {
+    "batch_size": ("at least 1", lambda v: v >= 1, 8),
+    "num_workers": (">= 0", lambda v: v >= 0, 0),
+    "limit": ("at least 1, or null for every row", lambda v: v is None or v >= 1, "null"),
+    "val_fraction": ("in (0, 1)", lambda v: 0 < v < 1, 0.05),
+    "max_length": ("at least 1", lambda v: v >= 1, 1024),
+    "max_prompt_length": ("at least 1", lambda v: v >= 1, 512),
+}
 
 
 class TokenizedDataModule(L.LightningDataModule):
     """Holds `tokenizer` (linked from the model by the CLI), `train_set`/`val_set` lists and a collator."""
 
     what = "data"  # how error messages name this module's data
+
+    def check_fields(self) -> None:
+        """Refuse bad numeric settings when the config is parsed, not when a loader first uses them."""
+        for name, (wanted, ok, example) in _FIELDS.items():
+            if name in self.hparams:
+                value = self.hparams[name]
+                require(
+                    isinstance(value, (int, float, type(None))) and ok(value), f"data.{name}", value, wanted, example
+                )
 
     def require_tokenizer(self) -> None:
         if self.tokenizer is None:

@@ -85,7 +85,10 @@ def compare(prompt: str, response_a: str, response_b: str, tie_margin: float = 0
 def gold_reward(prompts: list, responses: list[str]) -> list[float]:
     """The gold judge as a PPO `reward_fn` (`salsa_lightning.data.judge:gold_reward`): each response's score against
     its prompt's last user turn. RL with a verifiable reward: learning measured against the truth."""
+
     def question(prompt) -> str:
-        return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+        return (
+            prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+        )
 
     return [score(question(p), r) for p, r in zip(prompts, responses, strict=True)]

@@ -105,6 +105,7 @@ class PreferenceDataModule(TokenizedDataModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
+        self.check_fields()
         self.tokenizer = tokenizer
         self.train_set = self.val_set = None
         self.counts: dict[str, int] = {}

@@ -92,6 +92,7 @@ class PromptDataModule(TokenizedDataModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
+        self.check_fields()
         self.tokenizer = tokenizer
         self.rows: list[dict[str, Any]] | None = None
         self.truncated = 0

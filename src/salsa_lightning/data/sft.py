@@ -47,6 +47,7 @@ class SFTDataModule(TokenizedDataModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
+        self.check_fields()
         self.tokenizer = tokenizer
         self.train_set = self.val_set = None
 

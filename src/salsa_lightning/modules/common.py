@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -30,6 +31,22 @@ class OptimSpec:
     """Share of the training steps spent warming the learning rate up from 0."""
     schedule: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
     """Decay after warmup (transformers.get_scheduler names)."""
+
+    def __post_init__(self) -> None:
+        from salsa_lightning.errors import require
+
+        # lr 0 is refused, not warned about: it trains nothing and would still write an output that looks trained
+        require(math.isfinite(self.lr) and self.lr > 0, "model.optim.lr", self.lr, "> 0", 2e-5)
+        require(self.weight_decay >= 0, "model.optim.weight_decay", self.weight_decay, ">= 0", 0.0)
+        require(
+            all(0 <= b < 1 for b in self.betas),
+            "model.optim.betas",
+            self.betas,
+            "two numbers in [0, 1)",
+            "[0.9, 0.999]",
+        )
+        require(self.eps > 0, "model.optim.eps", self.eps, "> 0", 1e-8)
+        require(0 <= self.warmup_ratio < 1, "model.optim.warmup_ratio", self.warmup_ratio, "in [0, 1)", 0.03)
 
 
 def configure_adamw(module, spec: OptimSpec) -> dict[str, Any]:

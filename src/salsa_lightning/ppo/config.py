@@ -10,12 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from salsa_lightning.errors import SalsaError
-
-
-def _check(ok: bool, field: str, value, wanted: str, example) -> None:
-    if not ok:
-        raise SalsaError(f"`{field}` must be {wanted} (got {value!r}); set it to e.g. {example}.")
+from salsa_lightning.errors import require as _check
 
 
 def _finite(x) -> bool:
