@@ -277,6 +277,24 @@ def test_existing_output_dir_is_refused_and_kept(systems, tmp_path):
 
 
 # ---------------------------------------------------------------- benchmark sets: alpaca_eval export, turns, columns
+def test_responses_are_exported_for_alpaca_eval(evaluated):
+    out, _ = evaluated
+    assert sorted(p.name for p in (out / "alpaca_eval").iterdir()) == ["id", "ood"]
+    for system in ("sft", "base", "other"):
+        for split in ("id", "ood"):
+            records = json.loads((out / "alpaca_eval" / split / f"{system}.json").read_text())
+            responses = read_jsonl(out / f"responses_{system}_{split}.jsonl")
+            assert len(records) == len(responses) == 4
+            for record, response in zip(records, responses, strict=True):
+                assert set(record) == {"instruction", "output", "generator"}
+                assert record["generator"] == system
+                assert record["output"] == response["response"]
+                assert record["instruction"] == response["prompt"]  # the suite's prompts are strings
+    # the same instructions for every system: alpaca_eval pairs two generators' outputs by instruction
+    first = [json.loads((out / "alpaca_eval" / "id" / f"{s}.json").read_text()) for s in ("sft", "base")]
+    assert [r["instruction"] for r in first[0]] == [r["instruction"] for r in first[1]]
+
+
 MT_BENCH_ROWS = [  # HuggingFaceH4/mt_bench_prompts' schema: `prompt` is the list of the two user turns
     {"prompt": ["Write a haiku about rain.", "Now make it rhyme."], "prompt_id": 1, "category": "writing",
      "reference": []},
@@ -348,6 +366,10 @@ def test_mt_bench_turn_two_follows_the_systems_own_turn_one_answer(systems, tmp_
     arena_rows = read_jsonl(tmp_path / "eval" / "responses_base_arena_hard.jsonl")
     assert [r["prompt"] for r in arena_rows] == [[{"role": "user", "content": "Sort [3, 1, 2]."}],
                                                  [{"role": "user", "content": "Explain a mutex."}]]  # fmt: skip
+    # alpaca_eval: the first turn only, under the question itself
+    exported = json.loads((tmp_path / "eval" / "alpaca_eval" / "mt_bench" / "base.json").read_text())
+    assert [r["instruction"] for r in exported] == [r["prompt"][0] for r in MT_BENCH_ROWS]
+    assert [r["output"] for r in exported] == [r["response"] for r in rows["base"][::2]]
 
     # re-judging reuses both turns of both systems: same responses, same turn-2 prompts
     cfg.overwrite = True

@@ -12,7 +12,7 @@ Order of work, so that the expensive part runs once and a mistake is found befor
 3. for each KL reference, load it once and score every system's responses;
 4. score every response with the reward model (if any) and the gold judge;
 5. judge each pair on each split with each judge (the llm judge's requests all at once, cached replies
-   reused); tables, plot, manifest; rename into place.
+   reused); tables, plot, the alpaca_eval export, manifest; rename into place.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from salsa_lightning.evaluation.llm_judge import (
     LLMJudge,
     PairJudgement,
     comparison,
+    question_text,
     read_cache,
     split_verdicts,
 )
@@ -272,6 +273,9 @@ def _fingerprint(cfg: EvalConfig, system_path: str, prompts: SplitPrompts) -> st
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
+ALPACA_EVAL_DIR = "alpaca_eval"
+
+
 def _response_file(system: str, split: str) -> str:
     return f"responses_{system}_{split}.jsonl"
 
@@ -309,6 +313,21 @@ def _write_responses(path: Path, prompts: SplitPrompts, res: Responses) -> None:
                 **({"kl": {ref: v[i] for ref, v in res.kl.items()}} if res.kl else {}),
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _write_alpaca_eval(path: Path, system: str, prompts: SplitPrompts, res: Responses) -> None:
+    """The first-turn responses as alpaca_eval reads model outputs: a JSON list of {instruction, output, generator}.
+
+    alpaca_eval pairs two generators' outputs by instruction and has no later turns, so a multi-turn split
+    exports its first turn only (a later turn's prompt holds the system's own answers and would match nothing).
+    """
+    records = [
+        {"instruction": question_text(res.prompts[i]), "output": res.texts[i], "generator": system}
+        for i, (_, turn) in enumerate(prompts.items)
+        if turn == 0
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------- model work
@@ -572,6 +591,7 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
         for system, by_split in responses.items():
             for split, res in by_split.items():
                 _write_responses(tmp / _response_file(system, split), splits[split], res)
+                _write_alpaca_eval(tmp / ALPACA_EVAL_DIR / split / f"{system}.json", system, splits[split], res)
         system_records = [_system_record(s, split, res) for s, by in responses.items() for split, res in by.items()]
 
         quantity = "reward" if cfg.reward_model else "gold score"
@@ -620,7 +640,10 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
     console.print(report.systems_table(system_records))
     for note in notes.values():
         console.print(note)
-    console.print(f"Evaluation written to {out} (win_rates.md, systems.md, reward_distribution.png, results.json)")
+    console.print(
+        f"Evaluation written to {out} (win_rates.md, systems.md, reward_distribution.png, results.json, "
+        f"{ALPACA_EVAL_DIR}/<split>/<system>.json)"
+    )
     return results
 
 
@@ -658,6 +681,7 @@ def _manifest(
             [
                 "results.json",
                 "judgements.jsonl",
+                ALPACA_EVAL_DIR,
                 "win_rates.csv",
                 "win_rates.md",
                 "systems.csv",
