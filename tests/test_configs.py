@@ -124,3 +124,37 @@ def test_tensorboard_logger_is_an_option(capsys):
                   "--print_config"])  # fmt: skip
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
+
+
+PAPER_EVALS = sorted((ROOT / "configs" / "paper").glob("*/eval.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER_EVALS, ids=lambda p: p.parent.name)
+def test_paper_eval_reads_its_recipes_outputs_and_the_three_sets(path: Path, capsys):
+    assert len(PAPER_EVALS) == 3 and {p.parent.name for p in PAPER_EVALS} == {"llama2-7b", "mistral-7b", "gemma-2b"}
+    with pytest.raises(SystemExit):
+        cli_main(["evaluate", "--config", str(path), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+
+    def stage(name: str) -> dict:
+        return yaml.safe_load((path.parent / f"{name}.yaml").read_text())
+
+    ppo = stage("ppo")["model"]["init_args"]
+    sft_seed1 = stage("sft")["model"]["init_args"]["output_dir"].replace("{seed}", "1")
+    assert printed["systems"] == {
+        "salsa": stage("salsa")["model"]["init_args"]["output_dir"],
+        "ppo": ppo["output_dir"],
+        "sft": sft_seed1,
+    }
+    assert ppo["policy_init"] == sft_seed1  # the SFT system is where both policies start
+    assert printed["reward_model"] == stage("reward")["model"]["init_args"]["output_dir"]
+    assert printed["kl_reference"] == {"init": sft_seed1, "soup": stage("soup")["output_dir"]}
+    assert printed["eval_files"] == {
+        "ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized",
+        "mt_bench": "HuggingFaceH4/mt_bench_prompts",
+        "arena_hard": "lmarena-ai/arena-hard-auto-v0.1",
+    }
+    assert printed["hub_splits"] == {"ultrafeedback": "test_prefs", "mt_bench": "train", "arena_hard": "train"}
+    assert printed["prompt_columns"]["arena_hard"] == "turns"
+    assert "llm" in printed["judges"] and printed["llm_judge"]["api_key_env"] == "OPENAI_API_KEY"
+    assert "sk-" not in path.read_text()  # a key never goes in a config

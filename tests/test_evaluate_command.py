@@ -274,3 +274,143 @@ def test_existing_output_dir_is_refused_and_kept(systems, tmp_path):
     with pytest.raises(SalsaError, match="already exists"):
         run_evaluate(config(systems, out), quiet=True)
     assert [p.name for p in tmp_path.iterdir()] == ["eval"] and (out / "keep.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- benchmark sets: alpaca_eval export, turns, columns
+def test_responses_are_exported_for_alpaca_eval(evaluated):
+    out, _ = evaluated
+    assert sorted(p.name for p in (out / "alpaca_eval").iterdir()) == ["id", "ood"]
+    for system in ("sft", "base", "other"):
+        for split in ("id", "ood"):
+            records = json.loads((out / "alpaca_eval" / split / f"{system}.json").read_text())
+            responses = read_jsonl(out / f"responses_{system}_{split}.jsonl")
+            assert len(records) == len(responses) == 4
+            for record, response in zip(records, responses, strict=True):
+                assert set(record) == {"instruction", "output", "generator"}
+                assert record["generator"] == system
+                assert record["output"] == response["response"]
+                assert record["instruction"] == response["prompt"]  # the suite's prompts are strings
+    # the same instructions for every system: alpaca_eval pairs two generators' outputs by instruction
+    first = [json.loads((out / "alpaca_eval" / "id" / f"{s}.json").read_text()) for s in ("sft", "base")]
+    assert [r["instruction"] for r in first[0]] == [r["instruction"] for r in first[1]]
+
+
+MT_BENCH_ROWS = [  # HuggingFaceH4/mt_bench_prompts' schema: `prompt` is the list of the two user turns
+    {"prompt": ["Write a haiku about rain.", "Now make it rhyme."], "prompt_id": 1, "category": "writing",
+     "reference": []},
+    {"prompt": ["What is 7 times 8?", "And divided by 4?"], "prompt_id": 2, "category": "math", "reference": ["56"]},
+    {"prompt": ["Name a prime number.", "Name a larger one."], "prompt_id": 3, "category": "math", "reference": []},
+]  # fmt: skip
+ARENA_HARD_ROWS = [  # lmarena-ai/arena-hard-auto-v0.1's schema: `turns` is a list of {content} dicts, one turn
+    {"question_id": "q1", "category": "arena-hard-v0.1", "cluster": "c", "turns": [{"content": "Sort [3, 1, 2]."}]},
+    {"question_id": "q2", "category": "arena-hard-v0.1", "cluster": "c", "turns": [{"content": "Explain a mutex."}]},
+]
+
+
+def test_mt_bench_turn_two_follows_the_systems_own_turn_one_answer(systems, tmp_path):
+    from salsa_lightning.evaluation.generation import encode_prompts, generate_responses
+    from salsa_lightning.models.loading import ModelSpec, load_causal_lm, load_tokenizer
+
+    mt = write_jsonl(tmp_path / "mt_bench.jsonl", MT_BENCH_ROWS)
+    arena = write_jsonl(tmp_path / "arena_hard.jsonl", ARENA_HARD_ROWS)
+    two = {"base": systems["base"], "other": systems["other"]}
+    cfg = config(
+        systems, tmp_path / "eval", systems=two, judges=["reward"], batch_size=1, max_new_tokens=5,
+        do_sample=True, seed=3,  # greedy tiny models answer every question alike; sampled answers differ
+        eval_files={"mt_bench": str(mt), "arena_hard": str(arena)},
+        prompt_columns={"arena_hard": "turns"},  # MT-Bench's `prompt` needs no entry: the default column
+        hub_splits={"mt_bench": "train", "arena_hard": "train"},  # ignored by local files
+    )  # fmt: skip
+    results = run_evaluate(cfg, quiet=True)
+    assert results["prompts"]["mt_bench"] == {"source": str(mt), "n": 3, "responses_per_system": 6}
+    mt_pairs = [r for r in results["pairs"] if r["split"] == "mt_bench"]
+    assert [r["n"] for r in mt_pairs] == [6]  # both turns judged
+    assert next(r for r in results["pairs"] if r["split"] == "arena_hard")["n"] == 2
+
+    rows = {s: read_jsonl(tmp_path / "eval" / f"responses_{s}_mt_bench.jsonl") for s in two}
+    for records in rows.values():
+        assert [(r["index"], r["turn"]) for r in records] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
+        for first, second, source in zip(records[::2], records[1::2], MT_BENCH_ROWS, strict=True):
+            q1, q2 = source["prompt"]
+            assert first["prompt"] == [{"role": "user", "content": q1}]
+            assert second["prompt"] == [
+                {"role": "user", "content": q1},
+                {"role": "assistant", "content": first["response"]},  # the system's OWN turn-1 answer
+                {"role": "user", "content": q2},
+            ]
+            assert all("reward" in r for r in (first, second))
+    # the two systems answered turn 1 differently, so their turn-2 prompts differ
+    assert [r["prompt"] for r in rows["base"][1::2]] != [r["prompt"] for r in rows["other"][1::2]]
+
+    # `other`'s answers again, the naive way: turn 1 on every question, then turn 2 on [q1, its answer, q2],
+    # from the same seed (one prompt a batch, so the sampling order is the run's)
+    model = load_causal_lm(ModelSpec(systems["other"], dtype=cfg.dtype), trainable=False)
+    tokenizer = load_tokenizer(ModelSpec(systems["other"]), padding_side="left")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        turn1_ids, _ = encode_prompts(
+            tokenizer, [[{"role": "user", "content": r["prompt"][0]}] for r in MT_BENCH_ROWS], 512
+        )
+        turn1 = generate_responses(model, tokenizer, turn1_ids, 5, 1, do_sample=True)
+        turn2_prompts = [
+            [{"role": "user", "content": r["prompt"][0]}, {"role": "assistant", "content": g.text},
+             {"role": "user", "content": r["prompt"][1]}]
+            for r, g in zip(MT_BENCH_ROWS, turn1, strict=True)
+        ]  # fmt: skip
+        turn2 = generate_responses(
+            model, tokenizer, encode_prompts(tokenizer, turn2_prompts, 512)[0], 5, 1, do_sample=True
+        )
+    assert [g.token_ids for g in turn1] == [r["response_ids"] for r in rows["other"][::2]]
+    assert [g.token_ids for g in turn2] == [r["response_ids"] for r in rows["other"][1::2]]
+
+    arena_rows = read_jsonl(tmp_path / "eval" / "responses_base_arena_hard.jsonl")
+    assert [r["prompt"] for r in arena_rows] == [[{"role": "user", "content": "Sort [3, 1, 2]."}],
+                                                 [{"role": "user", "content": "Explain a mutex."}]]  # fmt: skip
+    # alpaca_eval: the first turn only, under the question itself
+    exported = json.loads((tmp_path / "eval" / "alpaca_eval" / "mt_bench" / "base.json").read_text())
+    assert [r["instruction"] for r in exported] == [r["prompt"][0] for r in MT_BENCH_ROWS]
+    assert [r["output"] for r in exported] == [r["response"] for r in rows["base"][::2]]
+
+    # re-judging reuses both turns of both systems: same responses, same turn-2 prompts
+    cfg.overwrite = True
+    again_results = run_evaluate(cfg, quiet=True)
+    assert all(s["reused_responses"] for s in again_results["systems"])
+    assert read_jsonl(tmp_path / "eval" / "responses_other_mt_bench.jsonl") == rows["other"]
+
+
+def test_a_split_reads_its_hub_split_and_prompt_column(monkeypatch):
+    """The Hub path without a network: `load_rows` is given the configured split; the column mapping picks the
+    prompt out of a differently named column."""
+    import datasets
+
+    from salsa_lightning.evaluation import run
+
+    calls = []
+
+    def fake_load_rows(source: str, split: str = "train"):
+        calls.append((source, split))
+        return datasets.Dataset.from_list([{"id": 1, "question": "Why is the sky blue?", "prompt": "unused"}])
+
+    monkeypatch.setattr(run, "load_rows", fake_load_rows)
+    cfg = EvalConfig(
+        systems={"a": "x"},
+        eval_files={"qa": "some-org/some-set", "uf": "HuggingFaceH4/ultrafeedback_binarized"},
+        hub_splits={"qa": "validation"},
+        prompt_columns={"qa": "question"},
+    )
+    qa = run._load_split(cfg, "qa", need_gold=False)
+    uf = run._load_split(cfg, "uf", need_gold=False)
+    assert calls == [("some-org/some-set", "validation"), ("HuggingFaceH4/ultrafeedback_binarized", "test")]
+    assert qa.prompts[0].messages == [{"role": "user", "content": "Why is the sky blue?"}] and qa.items == [(0, 0)]
+    assert uf.prompts[0].messages == [{"role": "user", "content": "unused"}]  # the default column: `prompt`
+
+    cfg.prompt_columns = {"qa": "instruction"}
+    with pytest.raises(SalsaError, match=r"eval_files\.qa .*no column 'instruction' \(its columns: id, prompt, "):
+        run._load_split(cfg, "qa", need_gold=False)
+
+
+@pytest.mark.parametrize("key", ["hub_splits", "prompt_columns"])
+def test_a_mapping_for_an_unknown_split_is_refused(systems, tmp_path, key):
+    with pytest.raises(SalsaError, match=f"`{key}` names the split 'nope'"):
+        run_evaluate(config(systems, tmp_path / "eval", **{key: {"nope": "x"}}), quiet=True)
+    assert list(tmp_path.iterdir()) == []

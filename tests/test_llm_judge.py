@@ -511,3 +511,46 @@ def test_cli_reads_llm_judge_from_yaml(tmp_path, monkeypatch, capsys):
     assert (
         printed["model"] == "gpt-4o" and printed["max_concurrency"] == 3 and printed["api_key_env"] == "OPENAI_API_KEY"
     )
+
+
+# ---------------------------------------------------------------- a later turn of a multi-turn set
+def test_comparison_of_a_later_turn_shows_each_systems_conversation():
+    from salsa_lightning.evaluation.llm_judge import LATER_TURN_NOTE, comparison
+
+    q1, q2 = {"role": "user", "content": "Q1"}, {"role": "user", "content": "Q2"}
+    first = comparison([q1], "mine", [q1], "theirs")
+    assert first == Comparison("Q1", "mine", "theirs")  # one shared prompt: as before
+    a = [q1, {"role": "assistant", "content": "a's turn 1"}, q2]
+    b = [q1, {"role": "assistant", "content": "b's turn 1"}, q2]
+    later = comparison(a, "a's turn 2", b, "b's turn 2")
+    assert later.question == f"{LATER_TURN_NOTE}\n\nQ2"
+    assert later.response_a == "User: Q1\n\nAssistant: a's turn 1\n\nUser: Q2\n\nAssistant: a's turn 2"
+    assert later.response_b == "User: Q1\n\nAssistant: b's turn 1\n\nUser: Q2\n\nAssistant: b's turn 2"
+
+
+def test_evaluate_judges_both_mt_bench_turns_with_each_conversation(tiny_systems, server_factory, template, tmp_path):
+    server = server_factory(by_hash)
+    mt = write_jsonl(tmp_path / "mt.jsonl", [{"prompt": ["First question?", "Second question?"], "category": "x"}])
+    cfg = eval_config(tiny_systems, tmp_path / "eval", spec(server, template), judges=["llm"],
+                      eval_files={"mt_bench": str(mt)})  # fmt: skip
+    results = run_evaluate(cfg, quiet=True)
+    assert results["pairs"][0]["n"] == 2  # one question, two turns
+    base, other = (
+        [json.loads(x) for x in (tmp_path / "eval" / f"responses_{s}_mt_bench.jsonl").read_text().splitlines()]
+        for s in ("base", "other")
+    )
+    asked = {shown(body) for body in server.bodies}
+    assert ("First question?", base[0]["response"], other[0]["response"]) in asked  # turn 1, both orders
+    assert ("First question?", other[0]["response"], base[0]["response"]) in asked
+    turn2 = [(q, a, b) for q, a, b in asked if q.endswith("Second question?")]
+    assert len(turn2) == 2  # both orders
+    # each answer is its system's whole conversation: its own turn-1 answer, then its turn-2 answer
+    conversation = {
+        s: f"User: First question?\n\nAssistant: {r[0]['response']}\n\nUser: Second question?\n\n"
+        f"Assistant: {r[1]['response']}"
+        for s, r in (("base", base), ("other", other))
+    }
+    assert {(a, b) for _, a, b in turn2} == {
+        (conversation["base"], conversation["other"]),
+        (conversation["other"], conversation["base"]),
+    }

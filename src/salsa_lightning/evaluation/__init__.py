@@ -5,6 +5,7 @@ means (gold score, reward, length, KL to references) and the reward distribution
 
 - `stats`: `win_rate`, `adjusted_win_rate`, `bootstrap_interval` — pure functions, as in the paper's tables;
 - `generation`: batched greedy generation and log-probs of stored responses;
+- `prompts`: each benchmark's prompt column read into turns; later turns built from a system's own answers;
 - `kl`: per-response KL of a policy to a reference on the policy's own responses;
 - `report`: Rich / CSV / Markdown tables and the distribution plot;
 - `llm_judge`: the `llm` judge — pairwise verdicts from a chat model over an OpenAI-compatible endpoint;

@@ -19,7 +19,16 @@ class EvalConfig:
     pairs: list[list[str]] | None = None
     """Pairs [a, b] to judge (verdicts from a's point of view); default every pair of `systems` in their order."""
     eval_files: dict[str, str] = field(default_factory=dict)
-    """Split name -> JSONL of prompts (`prompt` string/messages, or `messages`), e.g. {id: .../eval_id.jsonl}."""
+    """Split name -> prompts: a local JSON/JSONL/Parquet file or a Hub dataset, e.g. {id: .../eval_id.jsonl,
+    mt_bench: HuggingFaceH4/mt_bench_prompts}."""
+    hub_splits: dict[str, str] = field(default_factory=dict)
+    """Split name -> the split of its Hub dataset to read (default `test`), e.g. {mt_bench: train}; local files
+    have one split and ignore this."""
+    prompt_columns: dict[str, str] = field(default_factory=dict)
+    """Split name -> the column holding its prompts (default `prompt`, else `messages`), e.g. {arena_hard: turns}.
+    A string is one user turn; a list of strings or {content} dicts is a list of user turns, where turn k is
+    generated after the system's own answers to the turns before it and every turn is judged (MT-Bench's two
+    turns); a list of {role, content} messages is a prompt up to its first assistant turn."""
     judges: list[Judge] = field(default_factory=lambda: ["gold"])
     """`gold`: the task suite's programmatic judge; `reward`: the reward model's scores (a tie within a margin);
     `llm`: a chat model over an OpenAI-compatible endpoint (`llm_judge`), both orders asked (a tie when they disagree)."""
@@ -40,7 +49,7 @@ class EvalConfig:
     temperature: float = 1.0
     """Sampling temperature when `do_sample` is on."""
     limit: int | None = None
-    """Use only the first `limit` prompts of each split."""
+    """Use only the first `limit` prompts of each split (every turn of each)."""
     kl_reference: dict[str, str] | None = None
     """Name -> model (e.g. {init: sft seed 1 output, soup: soup output}): each system's KL to it, Σ_t log π - log π_ref
     over its own responses' tokens, averaged over prompts."""

@@ -133,13 +133,17 @@ def load_template(path: str | None = None) -> PairwiseTemplate:
     return PairwiseTemplate(system, data["user"], text, str(f.resolve()))
 
 
+def _transcript(messages: Messages) -> str:
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages if m.get("role") != "system")
+
+
 def question_text(messages: Messages) -> str:
     """What the judge is shown as the question: the user's request, or the whole conversation if it has several
     turns (a system prompt is left out: it instructs the policy, not the judge)."""
     turns = [m for m in messages if m.get("role") != "system"]
     if len(turns) == 1:
         return str(turns[0]["content"])
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
+    return _transcript(turns)
 
 
 # ---------------------------------------------------------------- reading a verdict
@@ -187,6 +191,29 @@ class Comparison:
     question: str
     response_a: str
     response_b: str
+
+
+LATER_TURN_NOTE = (
+    "(This request is the last turn of a conversation. Each reply below shows the assistant's whole conversation "
+    "with the user; judge its answer to this last request, in the light of the turns before it.)"
+)
+
+
+def comparison(prompt_a: Messages, response_a: str, prompt_b: Messages, response_b: str) -> Comparison:
+    """What the judge is shown for two systems' responses to the same item.
+
+    The same prompt (a first turn, or a later one after equal answers): its `question_text` and the two responses. Different prompts (a later turn of
+    a multi-turn set, each prompt holding its own system's earlier answers): the last user turn, marked as such,
+    and each system's whole conversation ending in its response, so the judge sees what each answer follows.
+    """
+    if prompt_a == prompt_b:
+        return Comparison(question_text(prompt_a), response_a, response_b)
+    question = f"{LATER_TURN_NOTE}\n\n{prompt_a[-1]['content']}"
+    shown = [
+        _transcript([*prompt, {"role": "assistant", "content": response}])
+        for prompt, response in ((prompt_a, response_a), (prompt_b, response_b))
+    ]
+    return Comparison(question, shown[0], shown[1])
 
 
 @dataclass

@@ -5,13 +5,14 @@ Order of work, so that the expensive part runs once and a mistake is found befor
 1. check everything that can be checked without a model (names, pairs, files, paths, the output dir,
    that the gold judge can parse every prompt, that KL references share each system's vocabulary, that
    the llm judge's key is set and its endpoint answers);
-2. for each system, load it once and generate its responses on every split (or reuse them from the
-   previous run in `output_dir`, when nothing that decides them changed), plus its own log-probs of them
+2. for each system, load it once and generate its responses on every split — turn by turn where prompts
+   have several user turns (MT-Bench), each later turn after the system's own answer — or reuse them from the
+   previous run in `output_dir` when nothing that decides them changed; plus its own log-probs of them
    when KL references are given;
 3. for each KL reference, load it once and score every system's responses;
 4. score every response with the reward model (if any) and the gold judge;
 5. judge each pair on each split with each judge (the llm judge's requests all at once, cached replies
-   reused); tables, plot, manifest; rename into place.
+   reused); tables, plot, the alpaca_eval export, manifest; rename into place.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from salsa_lightning import __version__
 from salsa_lightning.data import judge as gold
 from salsa_lightning.data.chat import Messages
-from salsa_lightning.data.prompts import prompt_messages
 from salsa_lightning.data.sources import load_rows
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluation import report
@@ -42,13 +42,14 @@ from salsa_lightning.evaluation.config import EvalConfig
 from salsa_lightning.evaluation.generation import encode_prompts, generate_responses, response_logprobs
 from salsa_lightning.evaluation.kl import sequence_kl
 from salsa_lightning.evaluation.llm_judge import (
-    Comparison,
     LLMJudge,
     PairJudgement,
+    comparison,
     question_text,
     read_cache,
     split_verdicts,
 )
+from salsa_lightning.evaluation.prompts import EvalPrompt, conversations, read_prompt, turn_items
 from salsa_lightning.evaluation.stats import verdict_from_scores, win_rate_summary
 from salsa_lightning.models.loading import (
     ModelSpec,
@@ -74,14 +75,20 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # names become file names 
 class SplitPrompts:
     source: str
     rows: list[dict[str, Any]]
-    messages: list[Messages]
-    texts: list[str]  # the last user turn: what the gold judge reads
+    prompts: list[EvalPrompt]
+    items: list[tuple[int, int]]  # (row, turn) of each response, row by row (`evaluation.prompts.turn_items`)
+    texts: list[str]  # each item's user turn: what the gold judge reads
+
+    @property
+    def multi_turn(self) -> bool:
+        return any(p.followups for p in self.prompts)
 
 
 @dataclass
 class Responses:
     """One system's responses on one split, with what the metrics need."""
 
+    prompts: list[Messages]  # the conversation each response answers (later turns hold the system's own answers)
     prompt_ids: list[list[int]]
     texts: list[str]
     token_ids: list[list[int]]
@@ -138,6 +145,13 @@ def _validate(cfg: EvalConfig) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
         _check_name("system", name)
     for split in cfg.eval_files:
         _check_name("split", split)
+    for key in ("hub_splits", "prompt_columns"):
+        unknown = [s for s in getattr(cfg, key) if s not in cfg.eval_files]
+        if unknown:
+            raise SalsaError(
+                f"`{key}` names the split {unknown[0]!r}, which is not in `eval_files` ({', '.join(cfg.eval_files)}); "
+                "use the split names of `eval_files`."
+            )
     for ref in cfg.kl_reference or {}:
         _check_name("KL reference", ref)
     pairs = _resolve_pairs(cfg)
@@ -176,23 +190,35 @@ def _validate(cfg: EvalConfig) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
     return pairs, plot_pair
 
 
-def _load_split(split: str, source: str, limit: int | None, need_gold: bool) -> SplitPrompts:
+def _load_split(cfg: EvalConfig, split: str, need_gold: bool) -> SplitPrompts:
+    source = cfg.eval_files[split]
     try:
-        rows = load_rows(source, split="test")
+        rows = load_rows(source, split=cfg.hub_splits.get(split, "test"))
     except SalsaError as err:
         raise SalsaError(f"eval_files.{split}: {err}") from err
+    limit = cfg.limit
     rows = [dict(r) for r in (rows.select(range(min(limit, len(rows)))) if limit else rows)]
     if not rows:
         raise SalsaError(f"The evaluation file {source} ({split}) has no rows; point `eval_files.{split}` at prompts.")
-    messages = [prompt_messages(r, i) for i, r in enumerate(rows)]
-    texts = [next((m["content"] for m in reversed(ms) if m.get("role") == "user"), "") for ms in messages]
+    column = cfg.prompt_columns.get(split)
+    try:
+        prompts = [read_prompt(r, i, column) for i, r in enumerate(rows)]
+    except SalsaError as err:
+        raise SalsaError(f"eval_files.{split} ({source}): {err}") from err
+    items = turn_items(prompts)
+    texts = [
+        prompts[row].followups[turn - 1]
+        if turn
+        else next((m["content"] for m in reversed(prompts[row].messages) if m.get("role") == "user"), "")
+        for row, turn in items
+    ]
     if need_gold:
         for i, text in enumerate(texts):
             try:
                 gold.parse_prompt(text)
             except SalsaError as err:
                 raise SalsaError(f"{source} row {i}: {err}") from err
-    return SplitPrompts(source, rows, messages, texts)
+    return SplitPrompts(source, rows, prompts, items, texts)
 
 
 def _load_tokenizers(cfg: EvalConfig) -> dict[str, Any]:
@@ -232,7 +258,9 @@ def _model_signature(path: str) -> dict[str, Any]:
 def _fingerprint(cfg: EvalConfig, system_path: str, prompts: SplitPrompts) -> str:
     content = {
         "model": _model_signature(system_path),
-        "prompts": prompts.messages,
+        "prompts": [p.messages for p in prompts.prompts],
+        # only where there are later turns, so that a single-turn split keeps its fingerprint
+        **({"followups": [p.followups for p in prompts.prompts]} if prompts.multi_turn else {}),
         "dtype": cfg.dtype,
         "max_new_tokens": cfg.max_new_tokens,
         "max_prompt_length": cfg.max_prompt_length,
@@ -243,6 +271,9 @@ def _fingerprint(cfg: EvalConfig, system_path: str, prompts: SplitPrompts) -> st
         "batch_size": cfg.batch_size,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+ALPACA_EVAL_DIR = "alpaca_eval"
 
 
 def _response_file(system: str, split: str) -> str:
@@ -260,11 +291,18 @@ def _reusable(cfg: EvalConfig, out: Path, system: str, split: str, fingerprint: 
 
 
 def _write_responses(path: Path, prompts: SplitPrompts, res: Responses) -> None:
+    multi_turn = prompts.multi_turn
     with open(path, "w", encoding="utf-8") as f:
-        for i, row in enumerate(prompts.rows):
+        for i, (r, turn) in enumerate(prompts.items):
+            row = prompts.rows[r]
             record = {
-                "index": i,
-                "prompt": row.get("prompt", prompts.messages[i]),
+                "index": r,
+                # a later turn's prompt is the system's own conversation so far
+                **(
+                    {"turn": turn + 1, "prompt": res.prompts[i]}
+                    if multi_turn
+                    else {"prompt": row.get("prompt", res.prompts[i])}
+                ),
                 **({"family": row["family"]} if "family" in row else {}),
                 "response": res.texts[i],
                 "response_ids": res.token_ids[i],
@@ -275,6 +313,21 @@ def _write_responses(path: Path, prompts: SplitPrompts, res: Responses) -> None:
                 **({"kl": {ref: v[i] for ref, v in res.kl.items()}} if res.kl else {}),
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _write_alpaca_eval(path: Path, system: str, prompts: SplitPrompts, res: Responses) -> None:
+    """The first-turn responses as alpaca_eval reads model outputs: a JSON list of {instruction, output, generator}.
+
+    alpaca_eval pairs two generators' outputs by instruction and has no later turns, so a multi-turn split
+    exports its first turn only (a later turn's prompt holds the system's own answers and would match nothing).
+    """
+    records = [
+        {"instruction": question_text(res.prompts[i]), "output": res.texts[i], "generator": system}
+        for i, (_, turn) in enumerate(prompts.items)
+        if turn == 0
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------- model work
@@ -304,6 +357,36 @@ def _load_lm(path: str, cfg: EvalConfig):
     return load_causal_lm(ModelSpec(name_or_path=path, dtype=cfg.dtype), trainable=False).to(_device())
 
 
+def _generate_split(cfg: EvalConfig, model, tokenizer, prompts: SplitPrompts, on_batch) -> Responses:
+    """One system's responses to every item of a split, turn by turn: a later turn's prompt holds the system's
+    own answers to the turns before it, so turn k is generated only once turn k-1 is (a single-turn split: one
+    call on every prompt)."""
+    n = len(prompts.items)
+    convs: list[Messages | None] = [None] * n
+    prompt_ids: list[list[int] | None] = [None] * n
+    generated: list[Any] = [None] * n
+    texts: list[str | None] = [None] * n
+    truncated = 0
+    for turn in range(max(p.num_turns for p in prompts.prompts)):
+        todo = [k for k, (_, t) in enumerate(prompts.items) if t == turn]
+        current = conversations(prompts.prompts, texts)
+        ids, cut = encode_prompts(tokenizer, [current[k] for k in todo], cfg.max_prompt_length)
+        truncated += cut
+        out = generate_responses(
+            model, tokenizer, ids, cfg.max_new_tokens, cfg.batch_size, cfg.do_sample, cfg.temperature, on_batch
+        )
+        for k, k_ids, g in zip(todo, ids, out, strict=True):
+            convs[k], prompt_ids[k], generated[k], texts[k] = current[k], k_ids, g, g.text
+    return Responses(
+        convs,  # type: ignore[arg-type]
+        prompt_ids,  # type: ignore[arg-type]
+        [g.text for g in generated],
+        [g.token_ids for g in generated],
+        [g.finished for g in generated],
+        truncated,
+    )
+
+
 def _generate_all(
     cfg: EvalConfig, out: Path, splits: dict[str, SplitPrompts], tokenizers: dict[str, Any], console: Console
 ) -> tuple[dict[str, dict[str, Responses]], dict[str, dict[str, str]]]:
@@ -315,15 +398,18 @@ def _generate_all(
         model = None
         responses[system] = {}
         for split, prompts in splits.items():
-            prompt_ids, truncated = encode_prompts(tokenizer, prompts.messages, cfg.max_prompt_length)
             fp = _fingerprint(cfg, path, prompts)
             fingerprints[f"{system}/{split}"] = {"file": _response_file(system, split), "fingerprint": fp}
             cached = _reusable(cfg, out, system, split, fp)
-            if cached is not None and len(cached) == len(prompt_ids):
+            if cached is not None and len(cached) == len(prompts.items):
                 console.print(f"[dim]{system} / {split}: reusing {len(cached)} responses from {out}[/dim]")
+                texts = [r["response"] for r in cached]
+                convs = conversations(prompts.prompts, texts)
+                prompt_ids, truncated = encode_prompts(tokenizer, convs, cfg.max_prompt_length)
                 res = Responses(
+                    convs,
                     prompt_ids,
-                    [r["response"] for r in cached],
+                    texts,
                     [r["response_ids"] for r in cached],
                     [r["finished"] for r in cached],
                     truncated,
@@ -334,21 +420,13 @@ def _generate_all(
                     with console.status(f"loading {system} ({path})"):
                         model = _load_lm(path, cfg)
                 with _progress(console) as progress:
-                    task = progress.add_task(f"{system} / {split}", total=len(prompt_ids))
+                    task = progress.add_task(f"{system} / {split}", total=len(prompts.items))
                     # a seed per (system, split), so a run's samples do not depend on which others ran before
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(cfg.seed)
-                        generated = generate_responses(
-                            model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.batch_size, cfg.do_sample,
-                            cfg.temperature, on_batch=lambda k, t=task: progress.advance(t, k),
-                        )  # fmt: skip
-                res = Responses(
-                    prompt_ids,
-                    [g.text for g in generated],
-                    [g.token_ids for g in generated],
-                    [g.finished for g in generated],
-                    truncated,
-                )
+                        res = _generate_split(
+                            cfg, model, tokenizer, prompts, on_batch=lambda k, t=task: progress.advance(t, k)
+                        )
             responses[system][split] = res
         if need_logp:
             if model is None:
@@ -380,9 +458,7 @@ def _measure_kl(
         _release_memory()
 
 
-def _score_rewards(
-    cfg: EvalConfig, splits: dict[str, SplitPrompts], responses: dict[str, dict[str, Responses]], console: Console
-) -> None:
+def _score_rewards(cfg: EvalConfig, responses: dict[str, dict[str, Responses]], console: Console) -> None:
     from salsa_lightning.reward.scoring import RewardScorer
 
     with console.status(f"scoring with the reward model {cfg.reward_model}"):
@@ -390,8 +466,8 @@ def _score_rewards(
             cfg.reward_model, dtype=cfg.dtype, device=_device(), batch_size=cfg.batch_size
         )
         for by_split in responses.values():
-            for split, res in by_split.items():
-                res.reward = scorer.score(splits[split].messages, res.texts).tolist()
+            for res in by_split.values():
+                res.reward = scorer.score(res.prompts, res.texts).tolist()
     del scorer
     _release_memory()
 
@@ -415,11 +491,11 @@ def _judge_with_llm(
     """Every pair on every split in one batch, so the thread pool stays full across pairs."""
     spans, comparisons = [], []
     for a, b in pairs:
-        for split, prompts in splits.items():
-            questions = [question_text(m) for m in prompts.messages]
-            ra, rb = responses[a][split].texts, responses[b][split].texts
-            spans.append(((a, b, split), len(comparisons), len(comparisons) + len(questions)))
-            comparisons += [Comparison(q, x, y) for q, x, y in zip(questions, ra, rb, strict=True)]
+        for split in splits:
+            ra, rb = responses[a][split], responses[b][split]
+            spans.append(((a, b, split), len(comparisons), len(comparisons) + len(ra.texts)))
+            # a later turn: each system's own conversation, so the judge sees what each answer follows
+            comparisons += map(comparison, ra.prompts, ra.texts, rb.prompts, rb.texts)
     with _progress(console) as progress:
         task = progress.add_task(f"llm judge ({judge.spec.model})", total=None)
         judged = judge.judge(
@@ -478,7 +554,7 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
     console = Console(quiet=quiet)
     pairs, plot_pair = _validate(cfg)
     out = Path(cfg.output_dir)
-    splits = {s: _load_split(s, src, cfg.limit, "gold" in cfg.judges) for s, src in cfg.eval_files.items()}
+    splits = {s: _load_split(cfg, s, "gold" in cfg.judges) for s in cfg.eval_files}
     tokenizers = _load_tokenizers(cfg)
     _check_vocabularies(cfg, tokenizers)
     llm = _connect_llm_judge(cfg, out) if "llm" in cfg.judges else None
@@ -487,7 +563,7 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
         responses, fingerprints = _generate_all(cfg, out, splits, tokenizers, console)
         _measure_kl(cfg, responses, tokenizers, console)
         if cfg.reward_model:
-            _score_rewards(cfg, splits, responses, console)
+            _score_rewards(cfg, responses, console)
         if "gold" in cfg.judges:
             for by_split in responses.values():
                 for split, res in by_split.items():
@@ -515,6 +591,7 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
         for system, by_split in responses.items():
             for split, res in by_split.items():
                 _write_responses(tmp / _response_file(system, split), splits[split], res)
+                _write_alpaca_eval(tmp / ALPACA_EVAL_DIR / split / f"{system}.json", system, splits[split], res)
         system_records = [_system_record(s, split, res) for s, by in responses.items() for split, res in by.items()]
 
         quantity = "reward" if cfg.reward_model else "gold score"
@@ -539,7 +616,10 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
                 "quantity": quantity,
                 "note": plot_note,
             },
-            "prompts": {s: {"source": p.source, "n": len(p.rows)} for s, p in splits.items()},
+            "prompts": {
+                s: {"source": p.source, "n": len(p.rows), "responses_per_system": len(p.items)}
+                for s, p in splits.items()
+            },
             "bootstrap": {"samples": cfg.bootstrap_samples, "seed": cfg.seed, "confidence": 0.95},
             **({"llm_judge": llm.report()} if llm else {}),
         }
@@ -560,7 +640,10 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
     console.print(report.systems_table(system_records))
     for note in notes.values():
         console.print(note)
-    console.print(f"Evaluation written to {out} (win_rates.md, systems.md, reward_distribution.png, results.json)")
+    console.print(
+        f"Evaluation written to {out} (win_rates.md, systems.md, reward_distribution.png, results.json, "
+        f"{ALPACA_EVAL_DIR}/<split>/<system>.json)"
+    )
     return results
 
 
@@ -598,6 +681,7 @@ def _manifest(
             [
                 "results.json",
                 "judgements.jsonl",
+                ALPACA_EVAL_DIR,
                 "win_rates.csv",
                 "win_rates.md",
                 "systems.csv",
