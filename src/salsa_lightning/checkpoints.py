@@ -315,7 +315,11 @@ def exported_manifest(stage: str, module, ckpt: LoadedCheckpoint) -> dict[str, A
         },
     )
     if stage == "reward":
-        manifest.update(reward_stats=None, reward_stats_note=REWARD_STATS_NOTE, data_counts={})
+        import yaml
+
+        data = (yaml.safe_load(extra.get("resolved_config") or "") or {}).get("data") or {}
+        max_length = (data.get("init_args") or data).get("max_length")  # what scoring elsewhere truncates to
+        manifest.update(reward_stats=None, reward_stats_note=REWARD_STATS_NOTE, data_counts={}, max_length=max_length)
     return manifest
 
 

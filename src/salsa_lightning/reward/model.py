@@ -144,7 +144,7 @@ def normalization_stats(path: str | Path) -> dict:
 
     stats = reward_stats(path)
     if not stats:
-        raise SalsaError(f"Reward normalisation needs the reward stage's stats in {path}; re-run the reward stage.")
+        raise SalsaError(f"normalize_reward needs reward stats in {path}; re-run the reward stage.")
     if not (math.isfinite(stats.get("std", float("nan"))) and stats["std"] > 0):
         raise SalsaError(
             f"The reward stats in {path} have std {stats.get('std')!r} (must be a finite number > 0); re-run the "
