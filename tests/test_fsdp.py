@@ -86,7 +86,11 @@ def assert_same_safetensors(a_path: Path, b_path: Path) -> None:
     a, b = load_file(str(a_path)), load_file(str(b_path))
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=RTOL, msg=k)
+        # atol 3e-5: two ranks sum gradients in another order than one process does, and AdamW's normalised step
+        # turns that rounding into up to ~1.3e-5 on near-zero-gradient weights after a few epochs (measured: the
+        # FSDP1 reward test, 1 of 2048 elements of one matrix at 1.28e-5 on torch 2.13.0+cpu); a real sharding bug
+        # moves whole tensors by far more
+        torch.testing.assert_close(b[k], a[k], atol=3e-5, rtol=RTOL, msg=k)
 
 
 @pytest.mark.distributed
