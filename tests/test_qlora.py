@@ -230,7 +230,8 @@ def test_qlora_ppo_trains_policy_and_critic_on_one_shared_4bit_base(qlora, tiny_
     assert stack.layout == "lora"
     history = cli.model.history
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
-    assert history[0]["objective/kl_init"] == 0 < history[-1]["objective/kl_init"]  # the policy left its start
+    # the policy left its start (k1 is a signed per-sample estimate: its batch mean can be below 0 after a step)
+    assert history[0]["objective/kl_init"] == 0 != history[-1]["objective/kl_init"]
 
     # ONE base: as many 4-bit layers as one model has, each under every adapter (policy, soup, reward, value)
     n_linear = len(quantized_linears(fresh_4bit_base(tiny_model_dir)))
