@@ -200,9 +200,12 @@ def test_soup_prints_nothing_to_stderr_and_never_loads_bitsandbytes(tmp_path, ti
         f"atexit.register(lambda: open({str(tmp_path / 'modules.txt')!r}, 'w').write('\\n'.join(sys.modules)))\n"
     )
     env = {**cli_env(), "PYTHONPATH": os.pathsep.join([str(SRC), str(hook)])}
-    proc = subprocess.run([sys.executable, "-m", "salsa_lightning", "soup", f"--inputs=[{seeds[0]},{seeds[1]}]",
-                           f"--output_dir={tmp_path / 'soup'}"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    # the quickstart's soup config, pointed at these seeds
+    config = yaml.safe_load((ROOT / "configs/quickstart/soup.yaml").read_text())
+    config.update(inputs=[str(s) for s in seeds], output_dir=str(tmp_path / "soup"))
+    (tmp_path / "soup.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "salsa_lightning", "soup", "--config", str(tmp_path / "soup.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert (tmp_path / "soup" / "adapter_model.safetensors").is_file()
