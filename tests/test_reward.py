@@ -205,3 +205,27 @@ def test_gradient_checkpointing_setting_is_applied(tiny_model_dir, lora_sft_dir,
     model.train()
     sequence_scores(model, ids, torch.ones_like(ids)).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "layers" in n)
+
+
+def test_new_score_head_is_not_reported_but_other_missing_weights_are():
+    import logging
+
+    from salsa_lightning.models.loading import _NewHeadReport
+
+    def records(info: dict, message: str) -> int:
+        shown = []
+        log = logging.getLogger("transformers.modeling_utils")
+        handler = logging.Handler()
+        handler.emit = shown.append
+        log.addHandler(handler)
+        try:
+            with _NewHeadReport("score") as report:
+                log.warning(message)
+                report.info = info
+        finally:
+            log.removeHandler(handler)
+        return len(shown)
+
+    assert records({"missing_keys": {"score.weight"}}, "LOAD REPORT score.weight MISSING") == 0
+    assert records({"missing_keys": {"score.weight", "model.norm.weight"}}, "score.weight model.norm.weight") == 1
+    assert records({"missing_keys": set(), "unexpected_keys": {"x"}}, "LOAD REPORT x UNEXPECTED") == 1

@@ -544,3 +544,16 @@ def test_config_fields_have_help():
     assert "Two inputs only: the weights become (1 - alpha, alpha)" in help_text
     cfg = parser.parse_args(["--inputs=[a,b]", "--alpha=0.3", "--output_dir=o"])
     assert SoupConfig(**cfg.as_dict()) == SoupConfig(inputs=["a", "b"], alpha=0.3, output_dir="o")
+
+
+def test_pattern_key_is_peft_s_rule():
+    """The soup's own copy of PEFT's rank/alpha-pattern lookup (PEFT is not imported by a soup) agrees with PEFT."""
+    from peft.utils.other import get_pattern_key
+
+    from salsa_lightning.soup.lora import pattern_key
+
+    keys = ["layers.1.self_attn.q_proj", "v_proj", r"layers\.[02]\.mlp\.up_proj", "q_proj"]
+    modules = ["model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.q_proj", "model.layers.3.self_attn.v_proj",
+               "model.layers.2.mlp.up_proj", "model.layers.1.mlp.up_proj", "model.xv_proj", "model.embed_tokens"]  # fmt: skip
+    for module in modules:
+        assert pattern_key(keys, module) == get_pattern_key(keys, module), module

@@ -4,19 +4,23 @@
     python -m salsa_lightning soup --config configs/quickstart/soup.yaml
     python -m salsa_lightning --help          # lists every subcommand
 
-`fit`/`validate`/... are LightningCLI's own (model and data by `class_path`, every field overridable,
-`--print_config`). The extra subcommands (`data`, `soup`, `evaluate`, `export`, `landscape`) are not Trainer
-methods, so LightningCLI cannot build them; we add their parsers (one dataclass each) to the same
-subcommand group, so one `--help` shows everything, and run them without a Trainer.
+`fit`/`validate`/`test` are LightningCLI's own (model and data by `class_path` or class name, every field
+overridable, `--print_config`); `validate` and `test` report SFT perplexity and reward-model accuracy. The extra
+subcommands (`data`, `soup`, `evaluate`, `export`, `landscape`) are not Trainer methods, so LightningCLI cannot
+build them; we add their parsers (one dataclass each) to the same subcommand group, so one `--help` shows
+everything, and run them without a Trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import logging
 import sys
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import lazy_instance
@@ -25,8 +29,19 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from salsa_lightning.errors import user_error
+from salsa_lightning.errors import SalsaError, user_error
 from salsa_lightning.stage import CHECKPOINT_KEY
+
+# Imported before parsing, so that `--model PPOModule` and `--model.help PPOModule` resolve by class name (jsonargparse
+# looks a short name up among the subclasses already imported); cheap: none of them imports a model library.
+STAGE_MODULES = (
+    "salsa_lightning.modules.sft",
+    "salsa_lightning.modules.reward",
+    "salsa_lightning.modules.ppo",
+    "salsa_lightning.data.sft",
+    "salsa_lightning.data.preferences",
+    "salsa_lightning.data.prompts",
+)
 
 
 @dataclass(frozen=True)
@@ -100,8 +115,26 @@ class StageConfigCallback(SaveConfigCallback):
         }
 
 
-class SalsaCLI(LightningCLI):
+class SalsaParser(LightningArgumentParser):
+    """Lightning's parser, naming the command as the user typed it in `usage:` lines (argparse would say
+    `__main__.py`); jsonargparse builds the parser of `--model.help X` as another instance of this class."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prog", _prog())
+        super().__init__(*args, **kwargs)
+
+
+class SalsaCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # `predict` is hidden: no stage has a predict_step (`evaluate` generates and scores)
+        skip = LightningCLI.subcommands()
+        return {name: skip[name] for name in ("fit", "validate", "test")}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for module in STAGE_MODULES:
+            importlib.import_module(module)
+        _hide_lightning_tips()
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", StageConfigCallback)
@@ -113,12 +146,39 @@ class SalsaCLI(LightningCLI):
                 "logger": lazy_instance(CSVLogger, save_dir="."),  # ./lightning_logs/version_N/metrics.csv
             },
         )
+        kwargs.setdefault("parser_class", SalsaParser)
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"} if _has_omegaconf() else {})
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One source of truth for the tokenizer: the model's. Data modules receive it at instantiation.
         parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=_tokenizer_of, apply_on="instantiate")
+
+    def _add_arguments(self, parser: LightningArgumentParser) -> None:
+        super()._add_arguments(parser)
+        for action in parser._actions:  # LightningCLI's own `--optimizer`/`--lr_scheduler`: say what to use instead
+            if action.dest in {"optimizer", "lr_scheduler"}:
+                action.help = f"Not supported ({_OPTIM_INSTEAD})."
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand in EXTRA_COMMANDS:
+            return
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        given = [f"--{key}" for key in ("optimizer", "lr_scheduler") if config.get(key) is not None]
+        if given:
+            raise SalsaError(f"{' and '.join(given)} cannot be used here: {_OPTIM_INSTEAD}.")
+        if self.subcommand in {"validate", "test"} and config.get("model") is not None:
+            step = "validation_step" if self.subcommand == "validate" else "test_step"
+            module, name = config.model.class_path.rsplit(".", 1)
+            cls = getattr(importlib.import_module(module), name)
+            if getattr(cls, step) is getattr(LightningModule, step):
+                raise SalsaError(
+                    f"`{self.subcommand}` scores SFT models (perplexity) and reward models (pairwise accuracy); "
+                    f"{cls.__name__} has no {step}, so use `evaluate` for policies."
+                )
+            # these write no stage output: an existing (or seed-templated) output_dir is no reason to refuse
+            if "output_dir" in config.model.init_args:
+                config.model.init_args.output_dir = None
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         # `--trainer.enable_progress_bar false` must also drop our default Rich bar, or Lightning refuses to start
@@ -134,7 +194,7 @@ class SalsaCLI(LightningCLI):
         super()._add_subcommands(parser, **kwargs)
         group = parser._subcommands_action
         for name, cmd in EXTRA_COMMANDS.items():
-            sub = LightningArgumentParser(description=cmd.help)
+            sub = SalsaParser(description=cmd.help)
             sub.add_argument("--config", action="config")
             sub.add_class_arguments(cmd.load(cmd.config), fail_untyped=True, sub_configs=True)
             _bare_bool_flags(sub, cmd.load(cmd.config))
@@ -162,6 +222,12 @@ class SalsaCLI(LightningCLI):
         self.result = cmd.load(cmd.run)(self.command_config)
 
 
+_OPTIM_INSTEAD = (
+    "every stage builds AdamW with a warmup schedule from `model.optim`; set e.g. `--model.optim.lr 1e-5` or "
+    "`--model.optim.schedule cosine` instead"
+)
+
+
 def _bare_bool_flags(parser: LightningArgumentParser, cls: type) -> None:
     """Let a boolean field be given as a bare flag (`--overwrite`), as in most CLIs, besides `--overwrite true`."""
     booleans = {name for name, hint in typing.get_type_hints(cls).items() if hint is bool}
@@ -172,6 +238,50 @@ def _bare_bool_flags(parser: LightningArgumentParser, cls: type) -> None:
 
 def _tokenizer_of(model: Any) -> Any:
     return getattr(model, "tokenizer", None)
+
+
+def _prog() -> str:
+    """`salsa-lightning` when run as the installed script, else the README's `python -m salsa_lightning`."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("salsa") else "python -m salsa_lightning"
+
+
+def _hide_lightning_tips() -> None:
+    """Drop Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines, an advertisement on every run."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in log.filters):
+            log.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def _keep_nested_nulls() -> None:
+    """Let `--model.ppo.missing_eos_penalty=null` switch an Optional field nested in a spec off, as YAML can.
+
+    jsonargparse (4.53) hands an option nested below a class (`--model.X.Y`) on to that class's parser as the text
+    `f"--{key}={value}"` of a value it has already parsed, so YAML's `null` arrives there as the string 'None',
+    which no Optional type accepts. We give such a value back as `null` before it is re-parsed."""
+    from jsonargparse import Namespace, _typehints
+
+    original = getattr(_typehints, "adapt_class_type", None)
+    needed = (getattr(_typehints, "NestedArg", None), getattr(_typehints, "subclass_spec_as_namespace", None))
+    if original is None or None in needed or getattr(original, "keeps_nested_nulls", False):
+        return  # another jsonargparse layout (tests/test_cli.py says whether it still needs this) or done already
+
+    @functools.wraps(original)
+    def adapt_class_type(value, *args, **kwargs):
+        value = _typehints.subclass_spec_as_namespace(value)  # what `original` does first (idempotent)
+        init_args = value.get("init_args") if isinstance(value, Namespace) else None
+        if isinstance(init_args, _typehints.NestedArg) and init_args.val is None:
+            value["init_args"] = init_args._replace(val="null")
+        return original(value, *args, **kwargs)
+
+    adapt_class_type.keeps_nested_nulls = True
+    _typehints.adapt_class_type = adapt_class_type
 
 
 def _has_omegaconf() -> bool:
@@ -194,6 +304,7 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> SalsaCLI:
     A `SalsaError` (a problem the user can fix) propagates; `main()` turns it into one line and exit 2.
     """
     _enable_attribute_docstrings()
+    _keep_nested_nulls()
     return SalsaCLI(args=args, **kwargs)
 
 

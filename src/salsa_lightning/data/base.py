@@ -23,7 +23,7 @@ _FIELDS = {
 
 
 class TokenizedDataModule(L.LightningDataModule):
-    """Holds `tokenizer` (linked from the model by the CLI), `train_set`/`val_set` lists and a collator."""
+    """Holds `tokenizer` (linked from the model by the CLI), a `train_set` list and a collator."""
 
     what = "data"  # how error messages name this module's data
 
@@ -66,5 +66,13 @@ class TokenizedDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
 
+
+class ScoredDataModule(TokenizedDataModule):
+    """Data a stage can be scored on: a held-out `val_set` (`fit` and `validate`) and a `test_set` (`test`: every row
+    of the source). Prompt data has neither, so that Lightning has no validation loop to skip (and warn about)."""
+
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from salsa_lightning.data.base import TokenizedDataModule
+from salsa_lightning.data.base import ScoredDataModule
 from salsa_lightning.data.chat import conversation, encode_left_truncated, last_assistant_text
 from salsa_lightning.data.collate import pad_sequences
 from salsa_lightning.data.sources import load_rows
@@ -70,8 +70,11 @@ class PairCollator:
         return batch
 
 
-class PreferenceDataModule(TokenizedDataModule):
-    """Preference pairs from a Hub dataset or local JSON/JSONL/Parquet."""
+class PreferenceDataModule(ScoredDataModule):
+    """Preference pairs from a Hub dataset or local JSON/JSONL/Parquet.
+
+    `fit` and `validate` score `val_data` (or the held-out rows); `test` scores every pair of `data` (`split`,
+    `limit`), so point `data.data` at the preference file to measure the accuracy on."""
 
     what = "preference data"
 
@@ -107,14 +110,23 @@ class PreferenceDataModule(TokenizedDataModule):
         self.save_hyperparameters(ignore=["tokenizer"])
         self.check_fields()
         self.tokenizer = tokenizer
-        self.train_set = self.val_set = None
+        self.train_set = self.val_set = self.test_set = None
         self.counts: dict[str, int] = {}
 
     def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage == "test":
+            if self.test_set is None:
+                self.require_tokenizer()
+                rows = self.load_limited(hp.data, hp.split, hp.limit)
+                self.test_set, counts = encode_pairs(rows, self.tokenizer, hp.max_length)
+                self.counts = {f"test_{k}": v for k, v in counts.items()}
+                if not self.test_set:
+                    raise SalsaError(f"Every preference pair in {hp.data} has chosen == rejected; nothing to score.")
+            return
         if self.train_set is not None:
             return
         self.require_tokenizer()
-        hp = self.hparams
         rows = self.load_limited(hp.data, hp.split, hp.limit)
         local = hp.val_data is None and not _is_hub(hp.data)
         if hp.val_data is not None:

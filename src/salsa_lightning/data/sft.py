@@ -6,15 +6,18 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from salsa_lightning.data.base import TokenizedDataModule
+from salsa_lightning.data.base import ScoredDataModule
 from salsa_lightning.data.chat import IGNORE_INDEX, tokenize_conversation, validate_messages
 from salsa_lightning.data.collate import CausalLMCollator
 from salsa_lightning.data.sources import load_rows
 from salsa_lightning.errors import SalsaError
 
 
-class SFTDataModule(TokenizedDataModule):
-    """Conversations from a Hub dataset or local JSON/JSONL/Parquet, tokenised with the chat template."""
+class SFTDataModule(ScoredDataModule):
+    """Conversations from a Hub dataset or local JSON/JSONL/Parquet, tokenised with the chat template.
+
+    `fit` and `validate` hold `val_fraction` (or `val_split`) out; `test` scores every row of `data` (`split`,
+    `limit`), so point `data.data` at the conversations to measure the perplexity on."""
 
     what = "SFT data"
 
@@ -49,7 +52,7 @@ class SFTDataModule(TokenizedDataModule):
         self.save_hyperparameters(ignore=["tokenizer"])
         self.check_fields()
         self.tokenizer = tokenizer
-        self.train_set = self.val_set = None
+        self.train_set = self.val_set = self.test_set = None
 
     def _tokenized(self, rows) -> list[dict[str, Any]]:
         out, dropped = [], 0
@@ -64,10 +67,19 @@ class SFTDataModule(TokenizedDataModule):
         return out
 
     def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage == "test":
+            if self.test_set is None:
+                self.require_tokenizer()
+                self.test_set = self._tokenized(self.load_limited(hp.data, hp.split, hp.limit))
+                if not self.test_set:
+                    raise SalsaError(
+                        f"No SFT row of {hp.data} has an assistant turn within max_length={hp.max_length}."
+                    )
+            return
         if self.train_set is not None:
             return
         self.require_tokenizer()
-        hp = self.hparams
         rows = self.load_limited(hp.data, hp.split, hp.limit)
         if hp.val_split is not None:
             val_rows = load_rows(hp.data, hp.val_split)

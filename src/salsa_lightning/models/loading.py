@@ -10,6 +10,7 @@ A model is named by a `ModelSpec.name_or_path` that is any of
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -124,7 +125,9 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: str = "right"):
     return tok
 
 
-def _from_pretrained(cls, name: str, spec: ModelSpec, **kwargs):
+def _from_pretrained(cls, name: str, spec: ModelSpec, new_head: str | None = None, **kwargs):
+    """`cls.from_pretrained` with the spec's settings. `new_head`: a module the checkpoint lacks by design (a reward
+    model's `score` on an SFT model), whose "newly initialized" load report is not shown (see `_NewHeadReport`)."""
     from salsa_lightning.models.quantization import is_quantized, prepare_quantized, quantized_load_kwargs
 
     path = resolve_model_path(name)
@@ -138,10 +141,50 @@ def _from_pretrained(cls, name: str, spec: ModelSpec, **kwargs):
         **kwargs,
     }
     try:
-        model = cls.from_pretrained(path, **kwargs)
+        if new_head is None:
+            model = cls.from_pretrained(path, **kwargs)
+        else:
+            with _NewHeadReport(new_head) as report:
+                model, report.info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except OSError as err:
         raise _hub_error(name, err) from err
     return prepare_quantized(model, spec) if is_quantized(spec) else model
+
+
+class _NewHeadReport(logging.Filter):
+    """Holds back transformers' load report (a warning of `transformers.modeling_utils`) while a model is loaded whose
+    `head` is new by design, and drops it if the head's weights are all it reports missing; any other report, or
+    any report when transformers' verbosity is info or lower (`TRANSFORMERS_VERBOSITY=info`), is shown as usual."""
+
+    def __init__(self, head: str):
+        super().__init__()
+        self.head, self.held, self.info = head, [], None
+        self.logger = logging.getLogger("transformers.modeling_utils")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        self.held.append(record)
+        return False
+
+    def __enter__(self) -> _NewHeadReport:
+        if not self.logger.isEnabledFor(logging.INFO):
+            self.logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeFilter(self)
+        info = self.info or {}
+        missing = set(info.get("missing_keys", ()))
+        only_head = (
+            missing
+            and all(k == self.head or k.startswith(f"{self.head}.") for k in missing)
+            and not info.get("unexpected_keys")
+            and not info.get("mismatched_keys")
+        )
+        for record in self.held:
+            if not (only_head and all(k in record.getMessage() for k in missing)):
+                self.logger.handle(record)
 
 
 def lora_config(lora: LoraSpec, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):

@@ -74,7 +74,7 @@ class RewardModule(L.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {
                 f"{split}_{name}": MeanMetric()
-                for split in ("train", "val")
+                for split in ("train", "val", "test")
                 for name in ("loss", "accuracy", "margin", "reward_mean", "reward_std")
             }
         )
@@ -118,6 +118,10 @@ class RewardModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, stats = self.model_step(batch)
         self._log("val", loss, stats, batch["input_ids"].shape[0] // 2)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, stats = self.model_step(batch)
+        self._log("test", loss, stats, batch["input_ids"].shape[0] // 2)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_adamw(self, self.optim)

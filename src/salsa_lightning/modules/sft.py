@@ -79,8 +79,8 @@ class SFTModule(L.LightningModule):
         self.tokenizer = load_tokenizer(self.spec)
         self.model = None
         self.resolved_config: str | None = None  # set by the CLI's config callback
-        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
-        self.train_acc, self.val_acc = MeanMetric(), MeanMetric()
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_acc, self.val_acc, self.test_acc = MeanMetric(), MeanMetric(), MeanMetric()
 
     def configure_model(self) -> None:
         # Built here, not in __init__, so sharding strategies can wrap it as it is created.
@@ -125,6 +125,13 @@ class SFTModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # token-weighted mean NLL over the whole validation set -> perplexity
         self.log("val/perplexity", torch.exp(self.val_loss.compute()))
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, correct, n_tokens = self.model_step(batch)
+        self._log_step("test", loss, correct, n_tokens, self.test_loss, self.test_acc)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/perplexity", torch.exp(self.test_loss.compute()))
 
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_adamw(self, self.optim)

@@ -91,7 +91,9 @@ def load_reward_model(spec: ModelSpec, trainable: bool = True, pad_token_id: int
     if merges or trains_full:
         refuse_full_weights(spec, f"A reward model from {spec.name_or_path} without `lora`")
     if is_adapter_dir(path):
-        base = _from_pretrained(AutoModelForSequenceClassification, adapter_base(path), spec, num_labels=1)
+        base = _from_pretrained(
+            AutoModelForSequenceClassification, adapter_base(path), spec, new_head="score", num_labels=1
+        )
         _set_pad(base, pad_token_id)
         if stage == "reward":
             model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
@@ -112,7 +114,8 @@ def load_reward_model(spec: ModelSpec, trainable: bool = True, pad_token_id: int
             if result.unexpected_keys:
                 raise SalsaError(f"The SFT adapter {spec.name_or_path} does not fit its base model; re-run SFT.")
     else:
-        model = _from_pretrained(AutoModelForSequenceClassification, spec.name_or_path, spec, num_labels=1)
+        new_head = "score" if stage != "reward" else None  # a reward output has its trained head
+        model = _from_pretrained(AutoModelForSequenceClassification, spec.name_or_path, spec, new_head, num_labels=1)
         _set_pad(model, pad_token_id)
         if spec.lora is not None:
             model = get_peft_model(model, lora_config(spec.lora, task_type="SEQ_CLS", modules_to_save=["score"]))

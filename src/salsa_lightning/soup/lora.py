@@ -20,6 +20,7 @@ Averaging A's and B's separately gives `(Σ w_i B_i)(Σ w_j A_j)`, which contain
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from peft.utils.other import get_pattern_key  # PEFT's own rule for which pattern key applies to a module
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.soup.full import weighted_sum
@@ -122,9 +122,16 @@ class _Module:
     b_key: str
 
 
+def pattern_key(pattern_keys: Sequence[str], module: str) -> str:
+    """The key of `rank_pattern`/`alpha_pattern` that applies to `module`: the first that matches the end of its
+    name at a dot (PEFT 0.21's `peft.utils.other.get_pattern_key`, tested equal). Not imported from PEFT, whose
+    import loads bitsandbytes (and, on some CPUs, its kernel-loading warning) into a soup that never needs it."""
+    return next((key for key in pattern_keys if re.match(rf"(.*\.)?({key})$", module)), module)
+
+
 def _pattern_value(pattern: dict[str, Any] | None, module: str, default: Any) -> Any:
     pattern = pattern or {}
-    return pattern.get(get_pattern_key(list(pattern), module), default)
+    return pattern.get(pattern_key(list(pattern), module), default)
 
 
 def lora_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
