@@ -557,3 +557,54 @@ def test_pattern_key_is_peft_s_rule():
                "model.layers.2.mlp.up_proj", "model.layers.1.mlp.up_proj", "model.xv_proj", "model.embed_tokens"]  # fmt: skip
     for module in modules:
         assert pattern_key(keys, module) == get_pattern_key(keys, module), module
+
+
+# ---------------------------------------------------------------- non-finite inputs (issue 13)
+def _with_nan(sd: dict) -> None:
+    name = next(k for k in sorted(sd) if sd[k].is_floating_point())
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[0] = float("nan")
+
+
+def test_full_soup_refuses_a_nan_input_naming_tensor_and_file(tmp_path, full_seeds):
+    bad = _rewrite(full_seeds[1], tmp_path / "bad", _with_nan)
+    out = tmp_path / "soup"
+    cfg = SoupConfig(inputs=[str(full_seeds[0]), str(bad)], output_dir=str(out))
+    _assert_failed_cleanly(tmp_path, out, r"holds NaN or inf.*allow_nonfinite", cfg)
+    with pytest.raises(SalsaError, match=str(bad / "model.safetensors")):
+        run_soup(cfg, quiet=True)
+
+
+def test_full_soup_with_nan_allowed_is_written_and_verified_on_the_finite_part(tmp_path, full_seeds):
+    bad = _rewrite(full_seeds[1], tmp_path / "bad", _with_nan)
+    out = tmp_path / "soup"
+    run_soup(SoupConfig(inputs=[str(full_seeds[0]), str(bad)], output_dir=str(out), allow_nonfinite=True,
+                        verify_samples=1000), quiet=True)  # fmt: skip
+    manifest = read_manifest(out)
+    assert manifest["allow_nonfinite"] is True and math.isfinite(manifest["max_rel_error"])
+    assert any(torch.isnan(t).any() for t in load_file(out / "model.safetensors").values())
+
+
+def test_lora_soup_refuses_a_nan_adapter(tmp_path, lora_seeds):
+    bad = tmp_path / "bad"
+    shutil.copytree(lora_seeds[1], bad)
+    sd = load_file(bad / "adapter_model.safetensors")
+    _with_nan(sd)
+    save_file(sd, bad / "adapter_model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "soup"
+    cfg = SoupConfig(inputs=[str(lora_seeds[0]), str(bad)], output_dir=str(out))
+    _assert_failed_cleanly(tmp_path, out, r"holds NaN or inf.*allow_nonfinite", cfg)
+
+
+def test_verification_error_keeps_nan():
+    from salsa_lightning.soup.full import _rel_error, worst_error
+
+    ref = torch.ones(4, dtype=torch.float64)
+    got = ref.clone()
+    got[0] = float("nan")
+    assert math.isnan(_rel_error(got, ref))
+    assert math.isnan(worst_error(0.0, math.nan)) and math.isnan(worst_error(math.nan, 0.5))  # max() would say 0.5
+    assert worst_error(1e-7, 2e-7) == 2e-7
+    both = ref.clone()
+    both[0] = float("nan")
+    assert _rel_error(got, both, allow_nonfinite=True) == 0.0 and math.isnan(_rel_error(got, both))

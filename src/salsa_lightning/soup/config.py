@@ -27,6 +27,8 @@ class SoupConfig:
     """LoRA inputs: fold the souped adapter into the base model's weights and write a full model instead."""
     allow_extrapolation: bool = False
     """Allow weights outside [0, 1] (still summing to 1), e.g. for the reward landscape beyond the seeds."""
+    allow_nonfinite: bool = False
+    """Soup inputs that hold NaN/inf anyway (they are refused by default, naming the tensor and file)."""
     verify_tolerance: float = 1e-4
     """Fail when a verified layer of the soup deviates from the dense weighted sum by more than this (relative)."""
     verify_samples: int = 8

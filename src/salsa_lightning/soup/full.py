@@ -201,6 +201,7 @@ def write_full_soup(
     out_dir: Path,
     on_tensor: Callable[[str], None] | None = None,
     verify_samples: int = 8,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Stream the soup into `out_dir` (same file layout as the first input); returns files and the check result.
 
@@ -231,7 +232,10 @@ def write_full_soup(
                     infos = plan.tensors[name]
                     # one input at a time, each read into `buf` once the previous one has been added
                     tensors = (readers[info.file].read(name, buf) for info in infos)
-                    writer.write(name, weighted_sum(tensors, weights, DTYPES[infos[0].dtype], workspace))
+                    out = weighted_sum(tensors, weights, DTYPES[infos[0].dtype], workspace)
+                    if not allow_nonfinite and out.is_floating_point() and not torch.isfinite(out).all():
+                        _refuse_nonfinite(name, infos, readers, buf)
+                    writer.write(name, out)
                     if on_tensor is not None:
                         on_tensor(name)
     del workspace, buf
@@ -258,7 +262,7 @@ def write_full_soup(
         ref = ref.to(DTYPES[infos[0].dtype]).double()  # the best the output dtype can hold
         with open_safetensors(out_dir / out_file_of[name]) as f:
             got = f.get_tensor(name).double()
-        max_err = max(max_err, _rel_error(got, ref))
+        max_err = worst_error(max_err, _rel_error(got, ref, allow_nonfinite))
     files = list(plan.out_files) + ([FULL_INDEX] if len(plan.out_files) > 1 else [])
     return {"files": files, "verified_tensors": sample, "max_rel_error": max_err}
 
@@ -267,8 +271,32 @@ def _nbytes(info: TensorInfo) -> int:
     return math.prod(info.shape) * torch.empty((), dtype=DTYPES[info.dtype]).element_size()
 
 
-def _rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """`‖got - ref‖_F / ‖ref‖_F` (absolute error when the reference is zero)."""
+def _refuse_nonfinite(name: str, infos, readers, buf) -> None:
+    """The soup of tensor `name` is not finite: say which input holds the NaN/inf (or that the sum overflowed)."""
+    for info in infos:
+        if not torch.isfinite(readers[info.file].read(name, buf)).all():
+            raise SalsaError(
+                f"Tensor {name} of {info.file} holds NaN or inf, which the soup would inherit; fix or drop that input, "
+                "or set `allow_nonfinite: true` to soup it anyway."
+            )
+    raise SalsaError(
+        f"The weighted sum of tensor {name} overflows its dtype {infos[0].dtype}; check the weights and inputs."
+    )
+
+
+def worst_error(a: float, b: float) -> float:
+    """The larger of two verification errors, NaN if either is (Python's `max` would keep the old value)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def _rel_error(got: torch.Tensor, ref: torch.Tensor, allow_nonfinite: bool = False) -> float:
+    """`‖got - ref‖_F / ‖ref‖_F` (absolute error when the reference is zero); NaN when either side is not finite,
+    unless `allow_nonfinite`: then both must be non-finite at the same places, and the rest is compared."""
+    finite = torch.isfinite(ref) & torch.isfinite(got)
+    if not finite.all():
+        if not allow_nonfinite or not torch.equal(torch.isfinite(ref), torch.isfinite(got)):
+            return math.nan
+        got, ref = got[finite], ref[finite]
     denom = ref.norm().item()
     err = (got - ref).norm().item()
     return err / denom if denom > 0 else err

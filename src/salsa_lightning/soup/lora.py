@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.soup.full import weighted_sum
+from salsa_lightning.soup.full import weighted_sum, worst_error
 from salsa_lightning.soup.inputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from salsa_lightning.soup.streaming import open_safetensors
 from salsa_lightning.soup.weights import resolve_weights
@@ -332,7 +332,7 @@ def soup_lora_adapters(
         )
         denom = ref.norm().item()
         err = (got - ref).norm().item()
-        max_err = max(max_err, err / denom if denom > 0 else err)
+        max_err = worst_error(max_err, err / denom if denom > 0 else err)  # NaN stays NaN: the check then fails
     if combination == "cat" and not max_err <= verify_tolerance:
         raise SalsaError(
             f"The LoRA soup deviates from the dense average by {max_err:.3g} (relative), above `verify_tolerance` "

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -63,6 +64,7 @@ def run_soup(cfg: SoupConfig, quiet: bool = False) -> dict[str, Any]:
         "allow_extrapolation": cfg.allow_extrapolation,
         "input_format": fmt,
         "verify_tolerance": cfg.verify_tolerance,
+        "allow_nonfinite": cfg.allow_nonfinite,
         "base_model": _common_base(inputs),
     }
     if notes:
@@ -86,7 +88,12 @@ def run_soup(cfg: SoupConfig, quiet: bool = False) -> dict[str, Any]:
             with progress:
                 task = progress.add_task("tensors", total=len(plan.tensors))
                 result = write_full_soup(
-                    plan, weights, tmp, on_tensor=lambda _: progress.advance(task), verify_samples=cfg.verify_samples
+                    plan,
+                    weights,
+                    tmp,
+                    on_tensor=lambda _: progress.advance(task),
+                    verify_samples=cfg.verify_samples,
+                    allow_nonfinite=cfg.allow_nonfinite,
                 )
             if not result["max_rel_error"] <= cfg.verify_tolerance:
                 raise SalsaError(
@@ -105,6 +112,17 @@ def run_soup(cfg: SoupConfig, quiet: bool = False) -> dict[str, Any]:
             _finish(tmp, cfg, manifest)
     else:
         adapters = [load_lora_adapter(i.path) for i in inputs]
+        if not cfg.allow_nonfinite:
+            for adapter in adapters:
+                bad = next(
+                    (k for k, v in adapter.state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()),
+                    None,
+                )
+                if bad is not None:
+                    raise SalsaError(
+                        f"Tensor {bad} of the adapter {adapter.name} holds NaN or inf, which the soup would inherit; fix "
+                        "or drop that input, or set `allow_nonfinite: true` to soup it anyway."
+                    )
         manifest["inputs"] = [i.digests() for i in inputs]
         soup = soup_lora_adapters(
             adapters,
