@@ -414,3 +414,16 @@ def test_a_mapping_for_an_unknown_split_is_refused(systems, tmp_path, key):
     with pytest.raises(SalsaError, match=f"`{key}` names the split 'nope'"):
         run_evaluate(config(systems, tmp_path / "eval", **{key: {"nope": "x"}}), quiet=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["sft as reward model", "reward model as system"])
+def test_a_model_in_the_wrong_role_is_refused_before_any_work(systems, tmp_path, case):
+    out = tmp_path / "eval"
+    if case == "sft as reward model":  # it would score with a randomly initialised head
+        cfg, match = config(systems, out, reward_model=systems["sft"]), "no trained reward head"
+    else:
+        cfg = config(systems, out, systems={"sft": systems["rm"], "base": systems["base"]}, pairs=[["sft", "base"]])
+        match = "a reward model; it needs a policy"
+    with pytest.raises(SalsaError, match=match):
+        run_evaluate(cfg, quiet=True)
+    assert not out.exists()

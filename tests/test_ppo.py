@@ -421,3 +421,14 @@ def test_kl_in_the_loss_takes_it_out_of_the_reward(pipeline):
     assert in_reward["objective/non_score_reward"] < 0 and in_loss["objective/non_score_reward"] == 0
     assert in_loss["objective/kl"] == pytest.approx(in_reward["objective/kl"])  # same rollout, same KL measured
     assert "loss/kl_avg" in in_loss and "loss/kl_avg" not in in_reward
+
+
+def test_a_reward_model_as_the_policy_is_refused(pipeline, capsys):
+    # a reward stage output where the policy goes would "train" and write a policy from an untrained LM head
+    args = ppo_args(str(pipeline / "rm"), str(pipeline / "prompts.jsonl"), reward=str(pipeline / "rm"))
+    assert "`model.policy_init` is" in run_fails(args, capsys) and "a reward model" in run_fails(args, capsys)
+
+
+def test_an_sft_output_as_the_reward_model_is_refused(pipeline, capsys):
+    args = ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), reward=str(pipeline / "sft2"))
+    assert "no trained reward head" in run_fails(args, capsys)

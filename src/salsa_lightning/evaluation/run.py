@@ -54,6 +54,7 @@ from salsa_lightning.evaluation.stats import verdict_from_scores, win_rate_summa
 from salsa_lightning.models.loading import (
     ModelSpec,
     canonical_model_ref,
+    check_model_role,
     load_causal_lm,
     load_tokenizer,
     resolve_model_path,
@@ -129,11 +130,12 @@ def _resolve_pairs(cfg: EvalConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def _check_model(kind: str, name: str, path: str) -> None:
+def _check_model(kind: str, name: str, path: str, role: str = "policy") -> None:
     try:
         resolve_model_path(path)
     except SalsaError as err:
         raise SalsaError(f"{kind} {name!r}: {err}") from err
+    check_model_role(path, role, name if role == "reward" else f"{kind.lower()} {name}")
 
 
 def _validate(cfg: EvalConfig) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
@@ -186,7 +188,7 @@ def _validate(cfg: EvalConfig) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
     for name, path in (cfg.kl_reference or {}).items():
         _check_model("KL reference", name, path)
     if cfg.reward_model:
-        _check_model("The reward model", "reward_model", cfg.reward_model)
+        _check_model("The reward model", "reward_model", cfg.reward_model, role="reward")
     return pairs, plot_pair
 
 

@@ -76,6 +76,51 @@ def is_adapter_dir(path: str) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+POLICY_STAGES = {"sft", "soup", "ppo", "salsa", "mkl"}  # stage outputs that are causal LMs
+
+
+def model_kind(path: str) -> str | None:
+    """`reward` (a sequence-classification model with a trained `score` head), `policy` (a causal LM), or None when
+    a local directory does not say (a Hub id, or a plain HF directory of unknown architecture). Read from the stage
+    manifest, else the PEFT adapter's `task_type`, else the model config's architecture — no weights are loaded."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None
+    stage = (read_manifest(p) or {}).get("stage")
+    if stage == "reward":
+        return "reward"
+    if stage in POLICY_STAGES:
+        return "policy"
+    if is_adapter_dir(str(p)):
+        task = json.loads((p / "adapter_config.json").read_text()).get("task_type")
+        return {"SEQ_CLS": "reward", "CAUSAL_LM": "policy"}.get(task)
+    if (p / "config.json").is_file():
+        archs = json.loads((p / "config.json").read_text()).get("architectures") or []
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            return "reward"
+        if any(a.endswith("ForCausalLM") for a in archs):
+            return "policy"
+    return None
+
+
+def check_model_role(path: str, role: str, field: str) -> None:
+    """One sentence when the model at `path` is the wrong kind of stage output for `field`: a reward model where a
+    policy goes (it would train or generate from an untrained LM head), or a policy where a reward model goes (it
+    would score with a randomly initialised `score` head)."""
+    kind = model_kind(resolve_model_path(path))
+    if kind is None or kind == role:
+        return
+    if role == "policy":
+        raise SalsaError(
+            f"`{field}` is {path}, a reward model; it needs a policy (an SFT, soup or PPO stage output) — pass the "
+            "reward model as `reward_model` instead."
+        )
+    raise SalsaError(
+        f"`{field}` is {path}, a policy (SFT/soup/PPO output) with no trained reward head; pass a reward stage output "
+        "(`python -m salsa_lightning fit --config .../reward.yaml` writes one)."
+    )
+
+
 def adapter_base(path: str) -> str:
     """The base model an adapter directory was trained on: the manifest's spec when there is one (it
     re-resolves `embedded:` names on another machine), else PEFT's own record."""

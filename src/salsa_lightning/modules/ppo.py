@@ -20,7 +20,7 @@ from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import canonical_model_ref, load_tokenizer
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.modules.common import OptimSpec, current_seed, format_output_dir, save_stage_output, scalar_metrics
-from salsa_lightning.ppo.anchors import check_tokenizers, plan_anchors
+from salsa_lightning.ppo.anchors import check_roles, check_tokenizers, plan_anchors
 from salsa_lightning.ppo.build import build_stack
 from salsa_lightning.ppo.callbacks import KLHackCallback
 from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec
@@ -94,6 +94,7 @@ class PPOModule(L.LightningModule):
                 "Set exactly one of `reward_model` (a reward stage output) and `reward_fn` (module:function)."
             )
         self.plan = plan_anchors(policy_init, anchor, soup, soup_inputs, soup_weights, soup_alpha)
+        check_roles(self.plan, reward_model)
         self.policy_init, self.reward_model = policy_init, reward_model
         self.layout, self.value_head = layout, value_head
         # read here, so that a bad reward path or file fails before training

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models.loading import base_model_of, canonical_model_ref, load_tokenizer, resolve_model_path
+from salsa_lightning.models.loading import (
+    base_model_of,
+    canonical_model_ref,
+    check_model_role,
+    load_tokenizer,
+    resolve_model_path,
+)
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.stage import read_manifest
 
@@ -116,6 +122,16 @@ def _warn_if_soup_lacks_init(soup: Anchor, policy_init: str) -> None:
         )
 
 
+def check_roles(plan: AnchorPlan, reward_model: str | None) -> None:
+    """Each model is the kind of stage output its place needs (a reward model is no policy, and vice versa)."""
+    check_model_role(plan.policy_init, "policy", "model.policy_init")
+    for name, path in plan.paths.items():
+        for p in path.inputs if isinstance(path, InMemorySoup) else [path]:
+            check_model_role(p, "policy", f"the {name} anchor")
+    if reward_model is not None:
+        check_model_role(reward_model, "reward", "model.reward_model")
+
+
 def check_tokenizers(plan: AnchorPlan, reward_model: str | None, spec: ModelSpec, tokenizer) -> None:
     """Every model whose log-probs or scores meet the policy's must share its vocabulary."""
     vocab = tokenizer.get_vocab()
@@ -138,4 +154,4 @@ def _describe(anchor: Anchor) -> Any:
     return canonical_model_ref(anchor)
 
 
-__all__ = ["AnchorPlan", "InMemorySoup", "check_tokenizers", "plan_anchors"]
+__all__ = ["AnchorPlan", "InMemorySoup", "check_roles", "check_tokenizers", "plan_anchors"]
