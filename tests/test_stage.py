@@ -70,3 +70,32 @@ def test_dead_temp_dirs_are_removed_and_live_ones_kept(tmp_path):
         (tmp / "w").write_text("x")
     assert not dead.exists() and live.exists() and other_stage.exists()
     assert (tmp_path / "out" / "w").read_text() == "x"
+
+
+# ---------------------------------------------------------------- data files: one sentence naming file and line
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", r"is empty"),
+        (b"  \n\n", r"is empty"),
+        (b'{"prompt": "a"}\n{"prompt": \n', r"Line 2 of .* is not valid JSON"),
+        (b'{"prompt": "a"}\n[1, 2]\n', r"Line 2 of .* is not a JSON object"),
+        (b'{"prompt": "a"}\n{"prompt": "a\xff"}\n', r"is not UTF-8 \(line 2, byte 29\)"),
+        (b'{"prompt": "\xc3', r"ends inside a UTF-8 character"),
+    ],
+)
+def test_bad_data_files_are_one_sentence(tmp_path, content, match):
+    from salsa_lightning.data.sources import load_rows
+
+    f = tmp_path / "rows.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(SalsaError, match=match):
+        load_rows(str(f))
+
+
+def test_good_utf8_data_reads_as_written(tmp_path):
+    from salsa_lightning.data.sources import load_rows
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"prompt": "é — ✓"}\n', encoding="utf-8")
+    assert load_rows(str(f))[0]["prompt"] == "é — ✓"
