@@ -99,3 +99,28 @@ def test_good_utf8_data_reads_as_written(tmp_path):
     f = tmp_path / "rows.jsonl"
     f.write_text('{"prompt": "é — ✓"}\n', encoding="utf-8")
     assert load_rows(str(f))[0]["prompt"] == "é — ✓"
+
+
+# ---------------------------------------------------------------- broken model directories
+@pytest.mark.parametrize("case,match", [("truncated", "truncated or not safetensors"),
+                                        ("garbage", "truncated or not safetensors"),
+                                        ("remote code", "trust_remote_code: true")])  # fmt: skip
+def test_a_broken_model_directory_is_one_sentence(tmp_path, tiny_model_dir, case, match):
+    import json
+    import shutil
+
+    from salsa_lightning.models.loading import load_causal_lm
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    weights = d / "model.safetensors"
+    if case == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "garbage":
+        weights.write_bytes(b"not a safetensors file" * 10)
+    else:
+        config = json.loads((d / "config.json").read_text())
+        config.update(model_type="custom-arch", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+        (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SalsaError, match=match):
+        load_causal_lm(str(d))

@@ -193,7 +193,45 @@ def _from_pretrained(cls, name: str, spec: ModelSpec, new_head: str | None = Non
                 model, report.info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except OSError as err:
         raise _hub_error(name, err) from err
+    except Exception as err:  # transformers' own words for a broken local model are not one sentence
+        sentence = _local_model_error(path, spec, err)
+        if sentence is None:
+            raise
+        raise sentence from err
     return prepare_quantized(model, spec) if is_quantized(spec) else model
+
+
+def _local_model_error(path: str, spec: ModelSpec, err: Exception) -> SalsaError | None:
+    """One sentence for what can be wrong with a local model directory (None when it is not that): weights that are
+    truncated or not safetensors, or model code that needs `trust_remote_code`."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return None
+    if type(err).__name__ == "SafetensorError":
+        bad = next((f for f in sorted(directory.glob("*.safetensors")) if not _safetensors_header_ok(f)), None)
+        return SalsaError(
+            f"Cannot read the weights {bad or directory} ({err}); the file is truncated or not safetensors — re-run the "
+            "stage that wrote it, or copy it again."
+        )
+    config = directory / "config.json"
+    auto_map = json.loads(config.read_text()).get("auto_map") if config.is_file() else None
+    if isinstance(err, ValueError) and auto_map and not spec.trust_remote_code:
+        return SalsaError(
+            f"The model in {directory} needs its own Python code ({config.name} has an auto_map); set "
+            "`trust_remote_code: true` in the model settings only if you trust that code."
+        )
+    return None
+
+
+def _safetensors_header_ok(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception:
+        return False
+    return True
 
 
 class _NewHeadReport(logging.Filter):
