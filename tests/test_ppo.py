@@ -432,3 +432,30 @@ def test_a_reward_model_as_the_policy_is_refused(pipeline, capsys):
 def test_an_sft_output_as_the_reward_model_is_refused(pipeline, capsys):
     args = ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), reward=str(pipeline / "sft2"))
     assert "no trained reward head" in run_fails(args, capsys)
+
+
+def test_export_of_a_ppo_checkpoint_gives_the_fit_end_policy(pipeline, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, exported = tmp_path / "salsa", tmp_path / "exported"
+    run(pipeline, "--trainer.max_epochs=1", "--model.optim.lr=1e-2", "--model.anchor=soup",
+        f"--model.soup={pipeline / 'soup'}", f"--model.output_dir={out}", "--trainer.enable_checkpointing=true",
+        f"--trainer.default_root_dir={tmp_path}")  # fmt: skip
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    cli_main(["export", f"--checkpoint={ckpt}", f"--output_dir={exported}"])
+    fit_manifest, manifest = (json.loads((d / MANIFEST_NAME).read_text()) for d in (out, exported))
+    assert manifest["stage"] == fit_manifest["stage"] == "salsa" and manifest["format"] == "lora"
+    assert json.loads((exported / "history.json").read_text()) == json.loads((out / "history.json").read_text())
+    assert manifest["kl_coef_final"] == fit_manifest["kl_coef_final"]
+    base_path = json.loads((pipeline / "sft1" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    ids = torch.randint(3, 300, (2, 10))
+    logits = []
+    for d in (out, exported):  # plain peft, nothing of ours
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), d).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
+    start = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), pipeline / "sft1").eval()
+    with torch.no_grad():
+        assert not torch.allclose(start(input_ids=ids).logits, logits[1])  # the trained policy, not its start

@@ -1,4 +1,4 @@
-"""`export`: a Lightning checkpoint of the SFT or reward stage -> the HF-format stage output that `fit` writes.
+"""`export`: a Lightning checkpoint of the SFT, reward or PPO stage -> the HF-format stage output that `fit` writes.
 
     python -m salsa_lightning export --checkpoint checkpoints/epoch=3.ckpt --output_dir outputs/sft-epoch3
 
@@ -39,11 +39,12 @@ from salsa_lightning.stage import MANIFEST_NAME, check_output_dir
 LIGHTNING_META = "meta.pt"
 DCP_METADATA = ".metadata"
 
+PPO_CLASS = "salsa_lightning.modules.ppo.PPOModule"
 STAGES = {
     "salsa_lightning.modules.sft.SFTModule": "sft",
     "salsa_lightning.modules.reward.RewardModule": "reward",
+    PPO_CLASS: "ppo",
 }
-PPO_CLASS = "salsa_lightning.modules.ppo.PPOModule"
 REWARD_STATS_NOTE = (
     "not computed: this reward model was exported from a checkpoint, and the training-set reward mean/std need the "
     "training data; PPO's `normalize_reward` needs them (re-run the reward stage to the end to get them)"
@@ -52,7 +53,7 @@ REWARD_STATS_NOTE = (
 
 @dataclass
 class ExportConfig:
-    """Write the stage output of an SFT or reward checkpoint, as `fit` writes it at its end.
+    """Write the stage output of an SFT, reward or PPO checkpoint, as `fit` writes it at its end.
 
     The checkpoint is a `.ckpt` file, or the distributed-checkpoint directory that `ModelParallelStrategy` writes;
     the output is full weights or a PEFT adapter, tokenizer, config.yaml and salsa_manifest.json. Runs in one
@@ -218,14 +219,9 @@ def stage_of(ckpt: LoadedCheckpoint) -> str:
     """`sft` or `reward`, from the class path LightningCLI stored in the hyper_parameters."""
     hparams = ckpt.meta.get("hyper_parameters") or {}
     class_path = hparams.get("_class_path")
-    if class_path == PPO_CLASS:
-        raise SalsaError(
-            f"{ckpt.path} is a PPO checkpoint, which `export` does not convert (its policy sits in a stack of "
-            "adapters or models); resume it with `fit --ckpt_path` and let the run write its output at the end."
-        )
     if class_path not in STAGES:
         raise SalsaError(
-            f"{ckpt.path} was not written by the SFT or reward stage of `python -m salsa_lightning fit` "
+            f"{ckpt.path} was not written by the SFT, reward or PPO stage of `python -m salsa_lightning fit` "
             f"(its module is {class_path or 'not recorded'}); export converts only those checkpoints."
         )
     return STAGES[class_path]
@@ -235,11 +231,12 @@ def build_module(ckpt: LoadedCheckpoint):
     """The stage's LightningModule from the checkpoint's hyper_parameters, its model built by `configure_model`."""
     from lightning.pytorch.cli import instantiate_module
 
+    from salsa_lightning.modules.ppo import PPOModule
     from salsa_lightning.modules.reward import RewardModule
     from salsa_lightning.modules.sft import SFTModule
 
     stage = stage_of(ckpt)
-    cls = {"sft": SFTModule, "reward": RewardModule}[stage]
+    cls = {"sft": SFTModule, "reward": RewardModule, "ppo": PPOModule}[stage]
     hparams = {k: v for k, v in ckpt.meta["hyper_parameters"].items() if k not in ("_class_path", "_instantiator")}
     # the training run's output_dir exists by now (and may hold `{seed}`): this module writes nowhere itself
     hparams.update(output_dir=None, overwrite=False)
@@ -344,7 +341,13 @@ def run_export(cfg: ExportConfig, quiet: bool = False) -> dict[str, Any]:
     load_weights(module, ckpt)
     manifest = exported_manifest(stage, module, ckpt)
     resolved_config = (ckpt.meta.get(CHECKPOINT_KEY) or {}).get("resolved_config") or _model_config(ckpt)
-    save_stage_output(out, module.model, module.tokenizer, manifest, resolved_config, cfg.overwrite)
+    if stage == "ppo":  # the policy out of its stack, with the run's history (and β) as the checkpoint has them
+        module.on_load_checkpoint(ckpt.meta)
+        manifest["kl_coef_final"] = module.kl_ctl.value
+        module.resolved_config = resolved_config
+        module.write_output(out, manifest, overwrite=cfg.overwrite)
+    else:
+        save_stage_output(out, module.model, module.tokenizer, manifest, resolved_config, cfg.overwrite)
     Console(quiet=quiet).print(
         f"Exported the {stage} checkpoint {ckpt.path} (global step {manifest['global_step']}) to {out}", highlight=False
     )

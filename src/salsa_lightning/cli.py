@@ -82,7 +82,7 @@ EXTRA_COMMANDS: dict[str, ExtraCommand] = {
     "export": ExtraCommand(
         config="salsa_lightning.checkpoints:ExportConfig",
         run="salsa_lightning.checkpoints:run_export",
-        help="Convert an SFT or reward checkpoint (a .ckpt file, or a sharded FSDP2 checkpoint directory) into the "
+        help="Convert an SFT, reward or PPO checkpoint (a .ckpt file, or a sharded FSDP2 checkpoint directory) into the "
         "HF-format stage output; an exported reward model has no training-set reward stats (normalize_reward refuses "
         "it).",
     ),

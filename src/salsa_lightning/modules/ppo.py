@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from salsa_lightning import rl
 from salsa_lightning.distributed import FSDPSpec, any_rank, mean_over_ranks, uses_fsdp2, world_size
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models.loading import canonical_model_ref, load_tokenizer
+from salsa_lightning.models.loading import load_tokenizer
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.modules.common import OptimSpec, current_seed, format_output_dir, save_stage_output, scalar_metrics
 from salsa_lightning.ppo.anchors import check_roles, check_tokenizers, plan_anchors
@@ -89,10 +89,6 @@ class PPOModule(L.LightningModule):
         self.ppo, self.gen, self.kl_hack = ppo or PPOSpec(), generation or GenerationSpec(), kl_hack or KLHackSpec()
         self.optim = optim or OptimSpec(lr=2e-6, warmup_ratio=0.0, schedule="linear")
         self.spec, self.fsdp = model or ModelSpec(), fsdp or FSDPSpec()
-        if (reward_model is None) == (reward_fn is None):
-            raise SalsaError(
-                "Set exactly one of `reward_model` (a reward stage output) and `reward_fn` (module:function)."
-            )
         self.plan = plan_anchors(policy_init, anchor, soup, soup_inputs, soup_weights, soup_alpha)
         check_roles(self.plan, reward_model)
         self.policy_init, self.reward_model = policy_init, reward_model
@@ -126,9 +122,7 @@ class PPOModule(L.LightningModule):
         params = [p for p in self.stack.parameters() if p.requires_grad]
         o = self.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
-        total = schedule_length(
-            self.trainer, self.ppo.ppo_epochs, self.ppo.mini_batch_size, self.ppo.n_samples_per_prompt
-        )
+        total = schedule_length(self.trainer, self.ppo)
         warmup = int(o.warmup_ratio * total)
         scheduler = get_scheduler(o.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
@@ -223,25 +217,33 @@ class PPOModule(L.LightningModule):
             self.rollouts_done = state.get("rollouts_done", self.updates_done)  # older checkpoints: no skips counted
             self.history = list(state.get("history", []))
 
+    def stage_manifest(self, seed: int | None, global_step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """What the stage output's manifest says about this stage (also written by `export` from a checkpoint)."""
+        return {
+            "format": self.stack.layout,
+            **self.plan.describe(),
+            **self.rewards.describe(),
+            "seed": seed,
+            "global_step": global_step,
+            "metrics": metrics,
+            "kl_coef_final": self.kl_ctl.value,
+        }
+
+    def write_output(self, output_dir, manifest: dict[str, Any], state_dict=None, overwrite: bool = False):
+        """The PPO stage output: the policy as plain transformers/PEFT load it, the manifest, `history.json`."""
+        extra = {"history.json": json.dumps(self.history, indent=1)}
+        return save_stage_output(output_dir, lambda d: self.stack.save_policy(d, state_dict), self.tokenizer, manifest,
+                                 self.resolved_config, overwrite, extra, state_dict)  # fmt: skip
+
     def on_fit_end(self) -> None:
         if self.output_dir is None:
             return
         state_dict = self.stack.gather_policy()  # sharded: every rank takes part in the gather
         if not self.trainer.is_global_zero:
             return
-        manifest = {
-            "format": self.stack.layout,
-            **self.plan.describe(),
-            "reward_model": canonical_model_ref(self.reward_model) if self.reward_model else None,
-            "reward_fn": self.hparams.reward_fn,
-            "seed": current_seed(),
-            "global_step": self.trainer.global_step,
-            "metrics": scalar_metrics(self.trainer.callback_metrics),
-            "kl_coef_final": self.kl_ctl.value,
-        }
-        extra = {"history.json": json.dumps(self.history, indent=1)}
-        path = save_stage_output(self.output_dir, lambda d: self.stack.save_policy(d, state_dict), self.tokenizer,
-                                 manifest, self.resolved_config, self.overwrite, extra, state_dict)  # fmt: skip
+        metrics = scalar_metrics(self.trainer.callback_metrics)
+        manifest = self.stage_manifest(current_seed(), self.trainer.global_step, metrics)
+        path = self.write_output(self.output_dir, manifest, state_dict, self.overwrite)
         rank_zero_info(f"PPO policy written to {path}")
 
 

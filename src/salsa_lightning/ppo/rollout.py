@@ -17,7 +17,7 @@ import torch
 from salsa_lightning import rl
 from salsa_lightning.distributed import mean_over_ranks, sum_over_ranks, world_size
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.models.loading import resolve_model_path
+from salsa_lightning.models.loading import canonical_model_ref, resolve_model_path
 from salsa_lightning.ppo.anchors import AnchorPlan
 from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
 from salsa_lightning.ppo.stack import POLICY, Stack
@@ -83,14 +83,24 @@ class RewardSource:
     reward_fn: Callable[[list, list[str]], list[float]] | None = None
     max_length: int = 1024
     stats: dict | None = None
+    model_ref: str | None = None  # the reward model as the manifest records it
+    fn_ref: str | None = None  # the reward_fn as configured
+
+    def describe(self) -> dict[str, str | None]:
+        return {"reward_model": self.model_ref, "reward_fn": self.fn_ref}
 
     @classmethod
     def from_config(cls, reward_model: str | None, reward_fn: str | None, normalize: bool) -> RewardSource:
         """Read once at start-up, so a bad path or file fails before any model loads."""
+        if (reward_model is None) == (reward_fn is None):
+            raise SalsaError(
+                "Set exactly one of `reward_model` (a reward stage output) and `reward_fn` (module:function)."
+            )
         if reward_fn is not None:
-            return cls(reward_fn=import_reward_fn(reward_fn))
+            return cls(reward_fn=import_reward_fn(reward_fn), fn_ref=reward_fn)
         path = resolve_model_path(reward_model)
-        return cls(max_length=reward_max_length(path), stats=normalization_stats(path) if normalize else None)
+        stats = normalization_stats(path) if normalize else None
+        return cls(max_length=reward_max_length(path), stats=stats, model_ref=canonical_model_ref(reward_model))
 
     def score(self, stack: Stack, tokenizer, messages: list, texts: list[str], device) -> torch.Tensor:
         if self.reward_fn is not None:

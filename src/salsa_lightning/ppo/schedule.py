@@ -62,9 +62,10 @@ def epoch_batch_rows(trainer) -> list[int] | None:
     return [min(size, n - i * size) for i in range(int(batches))]
 
 
-def schedule_length(trainer, ppo_epochs: int, mini_batch_size: int, samples_per_prompt: int = 1) -> int:
-    """Rollouts in the run the trainer is set up for: what a per-rollout LR schedule must span (each prompt of a
-    batch becomes `samples_per_prompt` rollout rows)."""
+def schedule_length(trainer, ppo) -> int:
+    """Rollouts in the run the trainer is set up for: what a per-rollout LR schedule must span (`ppo`: the PPOSpec;
+    each prompt of a batch becomes `n_samples_per_prompt` rollout rows)."""
+    ppo_epochs, mini_batch_size, samples_per_prompt = ppo.ppo_epochs, ppo.mini_batch_size, ppo.n_samples_per_prompt
     rows = [r * samples_per_prompt for r in epoch_batch_rows(trainer) or []]
     if rows:
         return rollouts_in_run(rows, trainer.max_epochs, trainer.max_steps, ppo_epochs, mini_batch_size)
