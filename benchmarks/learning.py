@@ -79,14 +79,17 @@ class GoldCurve(Callback):
             self._evaluate(pl_module)
 
 
-def ensure_quickstart(python: str) -> None:
+def ensure_quickstart(python: str, precision: str) -> None:
     for out, args in PREREQUISITES:
         if not out.exists():
             print(f"== building {out.relative_to(ROOT)}", flush=True)
-            subprocess.run([python, "-m", "salsa_lightning", *args], cwd=ROOT, check=True)
+            extra = [f"--trainer.precision={precision}"] if args[0] == "fit" else []
+            subprocess.run([python, "-m", "salsa_lightning", *args, *extra], cwd=ROOT, check=True)
 
 
-def run_arm(python: str, estimator: str, anchor: str, seed: int, updates: int, every: int, out: Path) -> dict:
+def run_arm(
+    python: str, estimator: str, anchor: str, seed: int, updates: int, every: int, out: Path, precision: str
+) -> dict:
     cached = out / "arm.json"
     if cached.exists():
         print(f"== {out.name}: cached", flush=True)
@@ -96,6 +99,7 @@ def run_arm(python: str, estimator: str, anchor: str, seed: int, updates: int, e
     cmd = [
         python, "-m", "salsa_lightning", "fit", "--config", f"configs/quickstart/{CONFIGS[(estimator, anchor)]}.yaml",
         f"--seed_everything={seed}", f"--trainer.limit_train_batches={updates}", "--trainer.max_epochs=1",
+        f"--trainer.precision={precision}",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.sample_table_every=0",
         f"--model.output_dir={out / 'policy'}", "--model.overwrite=true",
         "--trainer.callbacks+=learning.GoldCurve", f"--trainer.callbacks.path={out / 'curve.json'}",
@@ -135,7 +139,7 @@ def summarise(result: dict, split: str) -> dict:
 
 def report(results: list[dict], out: Path) -> str:
     lines = [
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"machine: {platform.machine()} {platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
         "",
         "| arm | seed | split | gold before | gold after | gain [95% CI] | KL init | KL soup | s/update | wall s |",
@@ -193,14 +197,20 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=8)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learning")
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument(
+        "--precision", default=None, help="trainer.precision (default: bf16-mixed where fast, else 32-true)"
+    )
     args = ap.parse_args()
-    ensure_quickstart(args.python)
+    from salsa_lightning.hardware import training_precision
+
+    precision = args.precision or training_precision()
+    ensure_quickstart(args.python, precision)
     results = []
     for arm in args.arms:
         estimator, anchor = arm.split(":")
         for seed in args.seeds:
             out = args.out / f"{estimator}-{anchor}-s{seed}-u{args.updates}"
-            results.append(run_arm(args.python, estimator, anchor, seed, args.updates, args.eval_every, out))
+            results.append(run_arm(args.python, estimator, anchor, seed, args.updates, args.eval_every, out, precision))
     print(report(results, args.out))
 
 

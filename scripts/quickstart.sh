@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=outputs/quickstart
 export TOKENIZERS_PARALLELISM=false
+# bf16 where the machine computes it fast (GPUs, CPUs with AVX512-BF16/AMX), float32 where torch would emulate it
+# (~15x slower; e.g. AVX2-only CPUs): the configs ask for bf16, these overrides follow the hardware
+read -r PRECISION DTYPE < <($PY -m salsa_lightning.hardware)
+FIT=(--trainer.precision="$PRECISION")
+echo "== precision: training $PRECISION, generation $DTYPE"
 START=$(date +%s)
 declare -a TIMES=()
 
@@ -26,14 +31,14 @@ step() {  # step NAME OUTPUT_DIR COMMAND...
 }
 
 step "task suite"   $OUT/data         $PY -m salsa_lightning data --config configs/quickstart/data.yaml
-step "SFT seed 1"   $OUT/sft-seed1    $PY -m salsa_lightning fit --config configs/quickstart/sft.yaml --seed_everything 1
-step "SFT seed 2"   $OUT/sft-seed2    $PY -m salsa_lightning fit --config configs/quickstart/sft.yaml --seed_everything 2
+step "SFT seed 1"   $OUT/sft-seed1    $PY -m salsa_lightning fit --config configs/quickstart/sft.yaml --seed_everything 1 "${FIT[@]}"
+step "SFT seed 2"   $OUT/sft-seed2    $PY -m salsa_lightning fit --config configs/quickstart/sft.yaml --seed_everything 2 "${FIT[@]}"
 step "soup"         $OUT/soup         $PY -m salsa_lightning soup --config configs/quickstart/soup.yaml
-step "reward model" $OUT/reward       $PY -m salsa_lightning fit --config configs/quickstart/reward.yaml
-step "PPO"          $OUT/ppo          $PY -m salsa_lightning fit --config configs/quickstart/ppo.yaml
-step "SALSA"        $OUT/salsa        $PY -m salsa_lightning fit --config configs/quickstart/salsa.yaml
+step "reward model" $OUT/reward       $PY -m salsa_lightning fit --config configs/quickstart/reward.yaml "${FIT[@]}"
+step "PPO"          $OUT/ppo          $PY -m salsa_lightning fit --config configs/quickstart/ppo.yaml "${FIT[@]}"
+step "SALSA"        $OUT/salsa        $PY -m salsa_lightning fit --config configs/quickstart/salsa.yaml "${FIT[@]}"
 if [ -f configs/quickstart/eval.yaml ]; then
-  step "evaluate"   $OUT/eval         $PY -m salsa_lightning evaluate --config configs/quickstart/eval.yaml
+  step "evaluate"   $OUT/eval         $PY -m salsa_lightning evaluate --config configs/quickstart/eval.yaml --dtype "$DTYPE"
 fi
 
 echo
