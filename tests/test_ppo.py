@@ -459,3 +459,33 @@ def test_export_of_a_ppo_checkpoint_gives_the_fit_end_policy(pipeline, tmp_path)
     start = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), pipeline / "sft1").eval()
     with torch.no_grad():
         assert not torch.allclose(start(input_ids=ids).logits, logits[1])  # the trained policy, not its start
+
+
+def test_sample_tables_reach_wandb_offline_and_tensorboard(pipeline, tmp_path, monkeypatch):
+    """The real wandb package in offline mode writes a local run directory; the table files are read back."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = [a for a in ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), reward=str(pipeline / "rm"))
+            if not a.startswith(("--trainer.logger", "--model.sample_table_every"))]  # fmt: skip
+    run_args = [*args, "--trainer.max_epochs=1", "--model.sample_table_every=1"]
+    cli_main([*run_args, "--trainer.logger=lightning.pytorch.loggers.WandbLogger", f"--trainer.logger.save_dir={tmp_path}",
+              "--trainer.logger.offline=true", "--trainer.logger.project=salsa-test"])  # fmt: skip
+    tables = sorted(tmp_path.rglob("samples_*.table.json"))
+    assert len(tables) == 2  # one per update (2 rollouts of 8 prompts)
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["prompt", "response", "score", "kl"] and len(table["data"]) == 4
+    assert all(isinstance(row[2], float) and isinstance(row[3], float) for row in table["data"])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    cli_main(
+        [*run_args, "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.save_dir={tb}"]
+    )
+    (events,) = tb.rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent), size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = [t for tag in acc.Tags()["tensors"] if tag.startswith("samples") for t in acc.Tensors(tag)]
+    assert len(texts) == 2 and "| prompt | response | score | kl |" in texts[0].tensor_proto.string_val[0].decode()

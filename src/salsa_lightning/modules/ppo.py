@@ -22,7 +22,7 @@ from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.modules.common import OptimSpec, current_seed, format_output_dir, save_stage_output, scalar_metrics
 from salsa_lightning.ppo.anchors import check_roles, check_tokenizers, plan_anchors
 from salsa_lightning.ppo.build import build_stack
-from salsa_lightning.ppo.callbacks import KLHackCallback
+from salsa_lightning.ppo.callbacks import KLHackCallback, log_samples
 from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec
 from salsa_lightning.ppo.losses import minibatch_loss
 from salsa_lightning.ppo.rollout import RewardSource, Rollout, collect_rollout
@@ -77,7 +77,8 @@ class PPOModule(L.LightningModule):
             generation: Rollout sampling.
             optim: AdamW for policy + critic (paper A.3: lr 2e-6; 1e-7 for Gemma).
             kl_hack: KL-hack monitor (paper §A.4).
-            sample_table_every: Print a Rich table of prompts, responses and scores every N updates (0 = never).
+            sample_table_every: Every N updates (0 = never), a table of prompts, responses, scores and KLs: printed, and
+                logged to W&B (a table) and TensorBoard (text) when those loggers are used.
             output_dir: Where the trained policy is written (HF format, adapter or full); `{seed}` is filled in.
             overwrite: Replace `output_dir` if it exists.
             fsdp: FSDP2 settings, used under `ModelParallelStrategy`: every model of the stack is sharded per
@@ -93,7 +94,6 @@ class PPOModule(L.LightningModule):
         check_roles(self.plan, reward_model)
         self.policy_init, self.reward_model = policy_init, reward_model
         self.layout, self.value_head = layout, value_head
-        # read here, so that a bad reward path or file fails before training
         self.rewards = RewardSource.from_config(reward_model, reward_fn, self.ppo.normalize_reward)
         self.sample_table_every, self.overwrite = sample_table_every, overwrite
         self.output_dir = format_output_dir(output_dir)
@@ -123,8 +123,7 @@ class PPOModule(L.LightningModule):
         o = self.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
         total = schedule_length(self.trainer, self.ppo)
-        warmup = int(o.warmup_ratio * total)
-        scheduler = get_scheduler(o.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        scheduler = get_scheduler(o.schedule, optimizer, int(o.warmup_ratio * total), total)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
     def configure_callbacks(self):
@@ -160,7 +159,7 @@ class PPOModule(L.LightningModule):
                 )
             else:
                 self.nonfinite_in_a_row = 0
-            return self._log_update(metrics, roll, batch_idx)
+            return self._log_update(metrics, roll)
         finally:
             self.lr_schedulers().step()  # once per rollout, whatever the update did: it spans the run's rollouts
 
@@ -196,14 +195,15 @@ class PPOModule(L.LightningModule):
                 "rate or β, or check the reward model (max_nonfinite_in_a_row sets this limit)."
             )
 
-    def _log_update(self, metrics: dict[str, torch.Tensor], roll: Rollout, batch_idx: int) -> dict[str, float]:
+    def _log_update(self, metrics: dict[str, torch.Tensor], roll: Rollout) -> dict[str, float]:
         logged = {k: float(v) for k, v in metrics.items()}
         shown, B = {"objective/scores", "objective/kl"}, roll.ids.shape[0]
         self.log_dict({k: v for k, v in logged.items() if k not in shown}, on_step=True, batch_size=B)
         self.log_dict({k: logged[k] for k in shown}, on_step=True, prog_bar=True, batch_size=B)
         self.history.append({"step": self.global_step, **logged})
-        if self.sample_table_every and batch_idx % self.sample_table_every == 0 and self.trainer.is_global_zero:
-            roll.print_samples(f"PPO samples, step {self.global_step}")
+        every = self.sample_table_every
+        if every and (self.updates_done - 1) % every == 0 and self.trainer.is_global_zero:  # the 1st, 1+N-th, ...
+            log_samples(self.trainer, *roll.samples(), step=self.global_step)
         return logged  # the training_step output: what callbacks (the KL-hack monitor) read
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

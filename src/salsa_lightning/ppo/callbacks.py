@@ -1,4 +1,4 @@
-"""Lightning callbacks for PPO."""
+"""Lightning callbacks for PPO, and the sample table every logger gets."""
 
 from __future__ import annotations
 
@@ -42,3 +42,28 @@ class KLHackCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.monitor.load_state_dict(state_dict)
+
+
+def log_samples(trainer, columns: list[str], rows: list[list], step: int) -> None:
+    """The sample completions of an update: printed as a Rich table, logged as a table to W&B (`WandbLogger`) and as
+    Markdown text to TensorBoard; other loggers get the printed table only."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"PPO samples, step {step}", show_lines=True)
+    for c in columns:
+        table.add_column(
+            c, max_width=60 if c == "response" else 50, justify="right" if c in ("score", "kl") else "left"
+        )
+    for row in rows:
+        table.add_row(*(str(x) for x in row))
+    Console().print(table)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_table(key="samples", columns=columns, data=rows, step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")  # noqa: E731  (Markdown table cells)
+            lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+            logger.experiment.add_text("samples", "\n".join(lines), global_step=step)

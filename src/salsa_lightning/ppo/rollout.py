@@ -44,6 +44,7 @@ class Rollout:
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R) value targets (0 without a critic)
     anchor_logp: torch.Tensor  # (J, B, R) the penalty anchors' log-probs (for the KL in the loss)
+    response_kl: torch.Tensor  # (B,) each response's KL to the anchor (summed over its tokens)
     kl_coef: float  # β of this rollout
     scores: torch.Tensor  # (B,) scores put into the reward (after normalisation / missing-EOS penalty)
     raw_scores: torch.Tensor  # (B,) the reward's own scores
@@ -57,18 +58,14 @@ class Rollout:
         names = ("ids", "mask", "pos", "response", "resp_mask", "logp", "values", "advantages", "returns")
         return {**{name: getattr(self, name)[idx] for name in names}, "anchor_logp": self.anchor_logp[:, idx]}
 
-    def print_samples(self, title: str, n: int = 3) -> None:
-        """A Rich table of the first `n` prompts, responses and scores, printed."""
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title, show_lines=True)
-        table.add_column("prompt", max_width=50)
-        table.add_column("response", max_width=60)
-        table.add_column("score", justify="right")
-        for m, t, s in zip(self.messages[:n], self.texts[:n], self.raw_scores[:n]):
-            table.add_row(m[-1]["content"], t, f"{float(s):.3f}")
-        Console().print(table)
+    def samples(self, n: int = 4) -> tuple[list[str], list[list]]:
+        """(columns, rows) of the first `n` prompts, responses, raw scores and KLs: the sample table of a run."""
+        columns = ["prompt", "response", "score", "kl"]
+        rows = [
+            [m[-1]["content"], t, round(float(s), 4), round(float(k), 4)]
+            for m, t, s, k in zip(self.messages[:n], self.texts[:n], self.raw_scores[:n], self.response_kl[:n])
+        ]
+        return columns, rows
 
     def finite(self) -> bool:
         """Whether every statistic is finite (explained variance is NaN by definition for constant returns)."""
@@ -230,7 +227,7 @@ def collect_rollout(
     return Rollout(
         ids=ids, mask=mask, pos=pos, response=response, resp_mask=resp_mask, logp=logp,
         values=values if values is not None else torch.zeros_like(logp), advantages=advantages, returns=returns,
-        anchor_logp=refs, kl_coef=kl_coef, scores=scores, raw_scores=raw_scores, texts=texts,
+        anchor_logp=refs, response_kl=rl.masked_sum(kl, resp_mask, dim=1), kl_coef=kl_coef, scores=scores, raw_scores=raw_scores, texts=texts,
         messages=batch["messages"], metrics=metrics, timings=timings,
     )  # fmt: skip
 
