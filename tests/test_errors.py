@@ -84,3 +84,24 @@ def test_crash_during_write_leaves_nothing(tmp_path):
             (tmp / "half.bin").write_bytes(b"x")
             raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind,match", [("missing", "does not exist"), ("not a checkpoint", "loads without running code"),
+                                        ("code", "loads without running code")])  # fmt: skip
+def test_bad_ckpt_path_is_one_sentence_before_any_work(tiny_model_dir, tmp_path, good_data, capsys, kind, match):
+    import pickle
+
+    ckpt = tmp_path / "resume.ckpt"
+    if kind == "not a checkpoint":
+        ckpt.write_bytes(b"these bytes are no checkpoint")
+    elif kind == "code":
+
+        class RunsCode:
+            def __reduce__(self):
+                return (print, ("CODE RAN",))
+
+        ckpt.write_bytes(pickle.dumps({"state_dict": {}, "x": RunsCode()}))
+    out = tmp_path / "sft"
+    msg = run_fails(sft_args(str(tiny_model_dir), str(good_data), str(out), f"--ckpt_path={ckpt}"), capsys)
+    assert msg.startswith("error: --ckpt_path:") and match in msg, msg
+    assert "CODE RAN" not in capsys.readouterr().out and not out.exists()

@@ -205,6 +205,12 @@ class SalsaCLI(LightningCLI):
         if self.subcommand not in EXTRA_COMMANDS:
             super()._set_seed()
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyper-parameters right after parsing: check the file first
+        if self.config.get("subcommand") and self.config.subcommand not in EXTRA_COMMANDS:
+            _check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
     def instantiate_classes(self) -> None:
         if self.subcommand not in EXTRA_COMMANDS:
             return super().instantiate_classes()
@@ -226,6 +232,19 @@ _OPTIM_INSTEAD = (
     "every stage builds AdamW with a warmup schedule from `model.optim`; set e.g. `--model.optim.lr 1e-5` or "
     "`--model.optim.schedule cosine` instead"
 )
+
+
+def _check_ckpt_path(ckpt_path: str | None) -> None:
+    """A `--ckpt_path` that is missing, no checkpoint, or a pickle that would run code: one sentence before any model
+    is loaded (Lightning would fail after loading them, with a raw error). Lightning's named ones pass through."""
+    if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc", "registry"):
+        return
+    from salsa_lightning.checkpoints import load_checkpoint
+
+    try:
+        load_checkpoint(ckpt_path)  # the safe reader `export` uses (weights_only, tensors memory-mapped)
+    except SalsaError as err:
+        raise SalsaError(f"--ckpt_path: {err}") from err
 
 
 def _bare_bool_flags(parser: LightningArgumentParser, cls: type) -> None:
