@@ -73,8 +73,12 @@ def test_usage_names_the_package_not_main_py(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(SRC / "salsa_lightning" / "__main__.py")])
     with pytest.raises(SystemExit):
         cli_main(["fit", "--no-such-flag"])
-    err = capsys.readouterr().err
-    assert "usage: python -m salsa_lightning" in err and "__main__.py" not in err
+    err = capsys.readouterr().err  # a bad option is one line that names the command (the usage is under --help)
+    assert "`python -m salsa_lightning fit --help`" in err and "__main__.py" not in err
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "usage: python -m salsa_lightning" in out and "__main__.py" not in out
 
 
 def test_model_help_takes_the_short_class_name(capsys):

@@ -105,3 +105,26 @@ def test_bad_ckpt_path_is_one_sentence_before_any_work(tiny_model_dir, tmp_path,
     msg = run_fails(sft_args(str(tiny_model_dir), str(good_data), str(out), f"--ckpt_path={ckpt}"), capsys)
     assert msg.startswith("error: --ckpt_path:") and match in msg, msg
     assert "CODE RAN" not in capsys.readouterr().out and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["fit", "--model=SFTModule", "--model.no_such=1"], "`--model.no_such` is not an option of SFTModule"),
+        (["fit", "--model=SFTModule", "--model.optim.lr=abc"], "`--model.optim.lr` accepts float, not 'abc'"),
+        (["fit", "--model=SFTModule", "--model.optim.nope=1"], "`--model.optim.nope` is not an option of OptimSpec"),
+        (
+            ["fit", "--model=SFTModule", "--trainer.max_epochs=abc"],
+            "`--trainer.max_epochs` accepts int or null, not 'abc'",
+        ),
+        (["soup", "--weights=abc"], "`--weights` accepts list[float] or null, not 'abc'"),
+    ],
+)
+def test_a_bad_option_is_one_line_naming_it_not_the_usage_text(args, expected, capsys):
+    msg = run_fails(args, capsys)
+    err = capsys.readouterr().err  # (already consumed by run_fails: re-run to see the raw lines)
+    with pytest.raises(SystemExit):
+        main(args)
+    raw = capsys.readouterr().err
+    assert expected in msg and "--help` lists every option" in msg
+    assert raw.count("\n") == 1 and "usage:" not in raw and "NestedArg" not in raw and not err

@@ -89,6 +89,42 @@ EXTRA_COMMANDS: dict[str, ExtraCommand] = {
 }
 
 
+def config_error_sentence(message: str) -> str:
+    """jsonargparse's multi-line account of a bad option as one sentence: the option, what it accepts, the value.
+
+    `Parser key "trainer.max_epochs": Does not validate ... Subtypes: [<class 'int'>, <class 'NoneType'>] ... Given
+    value: abc` becomes "`--trainer.max_epochs` accepts int or null, not 'abc'."; an unknown nested option names
+    itself and its class."""
+    import re
+
+    keys = re.findall(r'Parser key "([^"]+)"', message)  # nested: model -> optim -> lr
+    option = "--" + ".".join(keys) if keys else None
+    unknown = re.search(r"Option '([^']+)' is not accepted", message) or re.search(
+        r"Key '([^']+)' is not expected", message
+    )
+    klass = re.findall(r"class_path '([^']+)'", message)
+    if option and unknown:
+        where = f" of {klass[-1].rsplit('.', 1)[-1]}" if klass else ""
+        return f"`{option}.{unknown.group(1)}` is not an option{where}; check its spelling"
+    unrecognized = re.search(r"Unrecognized arguments: (.*)", message)
+    if unrecognized:
+        return f"Unrecognized argument {unrecognized.group(1).strip()}"
+    innermost = re.search(r"Expected a <class '(?:[\w.]*\.)?(\w+)'>\. Got value: (.*)", message)
+    if option and innermost:
+        return f"`{option}` accepts {innermost.group(1)}, not {innermost.group(2).strip()!r}"
+    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
+    given = re.search(r"Given value: (.*)", message)
+    if option and subtypes:
+        names = re.findall(r"<class '(?:[\w.]*\.)?(\w+)'>|([\w.]+\[[^\]]*\])", subtypes.group(1))
+        kinds = [("null" if a == "NoneType" else a) or b for a, b in names]
+        value = f", not {given.group(1).strip()!r}" if given else ""
+        return f"`{option}` accepts {' or '.join(kinds)}{value}"
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    detail = next((ln for ln in lines[1:] if not ln.startswith(("Does not validate", "Subtypes", "Errors"))), "")
+    head = lines[0] if lines else message
+    return f"{head} {detail}".strip().rstrip(":")
+
+
 class StageConfigCallback(SaveConfigCallback):
     """Saves the resolved config to the log dir (Lightning's behaviour) and hands it to the module, which
     writes it into its stage output next to the weights."""
@@ -117,11 +153,23 @@ class StageConfigCallback(SaveConfigCallback):
 
 class SalsaParser(LightningArgumentParser):
     """Lightning's parser, naming the command as the user typed it in `usage:` lines (argparse would say
-    `__main__.py`); jsonargparse builds the parser of `--model.help X` as another instance of this class."""
+    `__main__.py`); jsonargparse builds the parser of `--model.help X` as another instance of this class. A bad
+    option is one line — the option, what it takes, the value given — not the whole usage text (that stays under
+    `--help`), exit code 2 as before."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("prog", _prog())
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        from jsonargparse._common import debug_mode_active
+
+        if not self.exit_on_error or debug_mode_active():
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {config_error_sentence(message)}; `{prog} --help` lists every option.\n")
+        sys.exit(2)
 
 
 class SalsaCLI(LightningCLI):
