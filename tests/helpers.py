@@ -131,6 +131,19 @@ class KillAfterEpochs(Callback):
             trainer.should_stop = True
 
 
+class KillAfterBatches(Callback):
+    """Stands in for a job killed mid-epoch: stops the run after its N-th training batch (after that batch's
+    checkpoint, as Lightning runs checkpoint callbacks last)."""
+
+    def __init__(self, batches: int):
+        self.batches, self.seen = batches, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen += 1
+        if self.seen >= self.batches:
+            trainer.should_stop = True
+
+
 def shorter_is_better(prompts: list, responses: list[str]) -> list[float]:
     """Pays for brevity: a policy optimising it collapses its responses, like the paper's KL-hack (§A.4)."""
     return [-len(r) / 10 for r in responses]

@@ -244,7 +244,7 @@ def test_in_memory_soup_equals_the_soup_stage_output(pipeline, layout):
         pipeline, *steps, f"--model.soup_inputs=[{pipeline / 'sft1'},{pipeline / 'sft2'}]", "--model.soup_alpha=0.5"
     )
     assert_same_curves(curves(from_stage), curves(in_memory), rel=1e-4)
-    assert curves(from_stage)[0]["objective/kl_soup"] > 0
+    assert curves(from_stage)[0]["objective/kl_soup"] != 0  # (k1 is signed: a sampled batch's mean can be < 0)
 
 
 def test_normalize_reward_uses_the_reward_stages_stats(pipeline):
@@ -418,7 +418,7 @@ def test_kl_in_the_loss_takes_it_out_of_the_reward(pipeline):
     common = ("--trainer.max_steps=4", "--model.anchor=soup", f"--model.soup={pipeline / 'soup'}")
     in_reward = run(pipeline, *common).model.history[0]
     in_loss = run(pipeline, *common, "--model.ppo.kl_in=loss").model.history[0]
-    assert in_reward["objective/non_score_reward"] < 0 and in_loss["objective/non_score_reward"] == 0
+    assert in_reward["objective/non_score_reward"] != 0 and in_loss["objective/non_score_reward"] == 0
     assert in_loss["objective/kl"] == pytest.approx(in_reward["objective/kl"])  # same rollout, same KL measured
     assert "loss/kl_avg" in in_loss and "loss/kl_avg" not in in_reward
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import json
 import logging
 import sys
 import typing
@@ -253,11 +254,39 @@ class SalsaCLI(LightningCLI):
         if self.subcommand not in EXTRA_COMMANDS:
             super()._set_seed()
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._given_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else args
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyper-parameters right after parsing: check the file first
-        if self.config.get("subcommand") and self.config.subcommand not in EXTRA_COMMANDS:
-            _check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
-        super()._parse_ckpt_path()
+        """A resume takes the checkpoint's model hyper-parameters as its base, and what the user gives wins.
+
+        Lightning (2.6) merges the checkpoint's hyper-parameters over the parsed config, so that a checkpoint alone
+        rebuilds its model; but that silently undid every `--model.*` option and config-file value given for the
+        resume (a new `--model.output_dir` was ignored: the output went to the old path). Here they are parsed as
+        the first `--model` value, before everything the user typed, so any later option or `--config` wins."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if sub and sub not in EXTRA_COMMANDS:
+            _check_ckpt_path(ckpt_path)  # missing, no checkpoint, or a pickle that runs code: one sentence first
+        args = self._given_args
+        if not ckpt_path or not Path(ckpt_path).is_file() or not isinstance(args, list) or sub not in args:
+            return  # nothing to merge (a sharded checkpoint directory holds no hyper-parameters); or args as a dict
+        import torch
+
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+        class_path = hparams.get("_class_path")
+        if class_path is None:
+            return
+        given = self.config[sub].get("model")
+        if given is not None and given.get("class_path") != class_path:
+            raise SalsaError(
+                f"The checkpoint {ckpt_path} was written by {class_path}, but --model is {given.class_path}; resume "
+                "it with the checkpoint's model, or start a new run without --ckpt_path."
+            )
+        saved = {"class_path": class_path, "init_args": {k: v for k, v in hparams.items() if not k.startswith("_")}}
+        at = args.index(sub) + 1
+        self.config = self.parser.parse_args([*args[:at], f"--model={json.dumps(saved)}", *args[at:]])
 
     def instantiate_classes(self) -> None:
         if self.subcommand not in EXTRA_COMMANDS:

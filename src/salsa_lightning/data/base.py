@@ -1,12 +1,21 @@
-"""What the SFT, preference and prompt data modules share: row loading with a limit, and loaders."""
+"""What the SFT, preference and prompt data modules share: row loading with a limit, and loaders that resume.
+
+A training loader's order is a function of (seed, epoch) alone and its position is in every checkpoint, so a run
+resumed from any checkpoint (mid-epoch or at an epoch's end) sees the very batches an uninterrupted run sees.
+torch's `shuffle=True` cannot: its `RandomSampler` draws each epoch's order from the global RNG, whose state a
+checkpoint does not hold, and Lightning restarts an interrupted epoch from its first batch unless the loader is
+`_Stateful` (`state_dict`/`load_state_dict`, saved by `FitLoop.on_save_checkpoint`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
 
 from salsa_lightning.data.sources import load_rows
 from salsa_lightning.errors import SalsaError, require
@@ -20,6 +29,70 @@ _FIELDS = {
     "max_length": ("at least 1", lambda v: v >= 1, 1024),
     "max_prompt_length": ("at least 1", lambda v: v >= 1, 512),
 }
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """Row indices in an order that depends only on (seed, epoch) (Lightning calls `set_epoch`), or in order with
+    `shuffle=False`; each process of a distributed run takes its share, as torch's DistributedSampler (padded to an
+    equal count). One iteration can start `start` rows into this process's share (`ResumableDataLoader`).
+
+    A DistributedSampler, so that Lightning uses it as it is on several processes: the wrapper it would put around
+    another sampler shards that sampler's order but never passes `set_epoch` on, so every epoch would repeat the
+    first one's order."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+        replicas, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if initialized else (1, 0)
+        super().__init__(range(n), num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.n, self.start = n, 0
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        order += order[: self.total_size - self.n]  # pad so that every process gets as many rows (one process: none)
+        share = order[self.rank : self.total_size : self.num_replicas]
+        start, self.start = self.start, 0  # only the first iteration after a resume skips
+        return iter(share[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints: how many batches of the current epoch it has handed out. On resume
+    mid-epoch it continues after them (in the sampler's order, without loading them), instead of from the first.
+
+    Counted here, not in the sampler: worker processes draw indices ahead of the batches that were trained on."""
+
+    _done = 0  # batches handed out in the current epoch
+    _skip = 0  # batches the next iteration skips (a restored position)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self._done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches", 0))
+
+    def epoch_ends_after(self, batches: int) -> None:
+        """Lightning ends each epoch after `batches` (fewer than `len(self)` under `limit_train_batches`): a restored
+        position there (a checkpoint after an epoch's last batch) is the start of the next epoch, not a skip."""
+        if self._skip >= batches:
+            self._skip = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        # a generator: the body runs at the first batch, after Lightning has restored the state and set the epoch
+        skip, self._skip = self._skip, 0
+        fast = isinstance(self.sampler, EpochShuffleSampler)
+        if fast:
+            self.sampler.start = skip * self.batch_size
+        batches = super().__iter__()
+        if not fast:  # a sampler we did not build (Lightning's distributed wrapper): draw the batches and drop them
+            for _ in itertools.islice(batches, skip):
+                pass
+        self._done = skip
+        for batch in batches:
+            self._done += 1
+            yield batch
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -64,7 +137,16 @@ class TokenizedDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        from salsa_lightning.seeding import current_seed
+
+        # the order follows `--seed_everything` (SFT seeds differ in it), as torch's shuffle did, but reproducibly
+        return ResumableDataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            sampler=EpochShuffleSampler(len(self.train_set), seed=current_seed() or 0),
+            num_workers=self.hparams.num_workers,
+            collate_fn=self.collator(),
+        )
 
 
 class ScoredDataModule(TokenizedDataModule):

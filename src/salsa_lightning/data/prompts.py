@@ -6,10 +6,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from salsa_lightning.data.base import TokenizedDataModule
+from salsa_lightning.data.base import EpochShuffleSampler, ResumableDataLoader, TokenizedDataModule
 from salsa_lightning.data.chat import Messages, as_messages
 from salsa_lightning.data.collate import pad_sequences
 from salsa_lightning.errors import SalsaError
@@ -30,24 +29,6 @@ def prompt_messages(row: dict[str, Any], index: int) -> Messages:
     raise SalsaError(
         f"RL prompt row {index} has neither `prompt` nor a `messages` list with a user turn; fix that row."
     )
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch): a run resumed from an epoch boundary sees the same
-    prompt order as an uninterrupted one (Lightning calls `set_epoch` on samplers that have it)."""
-
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
 
 
 class PromptCollator:
@@ -118,7 +99,7 @@ class PromptDataModule(TokenizedDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return ResumableDataLoader(
             self.rows,
             batch_size=self.hparams.batch_size,
             sampler=EpochShuffleSampler(len(self.rows), self.hparams.shuffle_seed),

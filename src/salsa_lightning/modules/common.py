@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any, Literal
 
 import torch
 
+from salsa_lightning.seeding import current_seed  # noqa: F401  (stages import it from here)
 from salsa_lightning.stage import CONFIG_NAME, atomic_output_dir, write_manifest
 
 
@@ -79,10 +79,75 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def current_seed() -> int | None:
-    """The seed `--seed_everything` set (Lightning exports it as PL_GLOBAL_SEED)."""
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    return int(seed) if seed is not None else None
+def restore_loader_position(trainer) -> None:
+    """Hand the checkpoint's training-loader position (`data.base.ResumableDataLoader`) to the loader.
+
+    Lightning restores a stateful loader only when it builds the loader after the checkpoint's loop state is read;
+    `configure_optimizers` sizing its schedule (`estimated_stepping_batches`) builds it earlier, and the position is
+    then silently dropped (Lightning issue #20550), so a mid-epoch resume would start its epoch over. Called from
+    `on_train_start`: after the restore, before the first batch is drawn; a no-op when there is nothing pending
+    (a fresh run, an epoch-end checkpoint, or a Lightning that has loaded it already)."""
+    from salsa_lightning.data.base import ResumableDataLoader
+
+    load = getattr(trainer.fit_loop, "_load_combined_loader_states", None)
+    if load is not None:
+        load()
+    if isinstance(trainer.train_dataloader, ResumableDataLoader):
+        trainer.train_dataloader.epoch_ends_after(trainer.num_training_batches)
+
+
+METRIC_STATES_KEY = "salsa_metric_states"
+
+
+def save_metric_states(module, checkpoint: dict[str, Any]) -> None:
+    """Put the running sums of the module's torchmetrics (which its state_dict leaves out) into a checkpoint taken
+    mid-epoch, so that a run resumed from it logs the epoch means an uninterrupted run logs. At an epoch's end
+    they are about to be reset (and a resumed run starts the next epoch afresh): nothing to save."""
+    from lightning.pytorch.trainer.states import TrainerFn
+    from torchmetrics import Metric
+
+    trainer = module.trainer
+    drawn = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # this epoch's training batches so far
+    if trainer.state.fn != TrainerFn.FITTING or drawn >= trainer.num_training_batches:
+        return
+    checkpoint[METRIC_STATES_KEY] = {
+        name: {"state": _detached(m.metric_state), "updates": m.update_count}
+        for name, m in module.named_modules()
+        if isinstance(m, Metric)
+    }
+
+
+def load_metric_states(module, checkpoint: dict[str, Any]) -> None:
+    for name, saved in checkpoint.get(METRIC_STATES_KEY, {}).items():
+        metric = module.get_submodule(name)
+        for key, value in saved["state"].items():
+            device = _device_of(getattr(metric, key))
+            setattr(metric, key, [v.to(device) for v in value] if isinstance(value, list) else value.to(device))
+        metric._update_count = saved["updates"]  # torchmetrics has no setter; `compute` and Lightning read it
+        metric._computed = None
+
+
+def _detached(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: [t.detach().clone() for t in v] if isinstance(v, list) else v.detach().clone() for k, v in state.items()}
+
+
+def _device_of(value: Any) -> torch.device:
+    if isinstance(value, list):
+        return value[0].device if value else torch.device("cpu")
+    return value.device
+
+
+def seed_training_step(module, batch_idx: int) -> None:
+    """Seed torch's RNG (dropout, LoRA's too) from (seed, epoch, batch, rank) before a training step.
+
+    A checkpoint does not hold the global RNG state, and what draws from it between two steps (a DataLoader's
+    `iter`, validation, a resume) differs between a resumed run and an uninterrupted one; a stream that is a
+    function of the step alone makes the resumed run's dropout masks the uninterrupted run's. PPO seeds per
+    rollout the same way (`PPOModule.training_step`)."""
+    import numpy as np
+
+    key = [current_seed() or 0, module.trainer.current_epoch, batch_idx, module.global_rank]
+    torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
 
 def format_output_dir(output_dir: str | None) -> str | None:

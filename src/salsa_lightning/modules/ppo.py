@@ -19,7 +19,14 @@ from salsa_lightning.distributed import FSDPSpec, any_rank, mean_over_ranks, use
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import load_tokenizer
 from salsa_lightning.models.spec import ModelSpec
-from salsa_lightning.modules.common import OptimSpec, current_seed, format_output_dir, save_stage_output, scalar_metrics
+from salsa_lightning.modules.common import (
+    OptimSpec,
+    current_seed,
+    format_output_dir,
+    restore_loader_position,
+    save_stage_output,
+    scalar_metrics,
+)
 from salsa_lightning.ppo.anchors import check_roles, check_tokenizers, plan_anchors
 from salsa_lightning.ppo.build import build_stack
 from salsa_lightning.ppo.callbacks import KLHackCallback, log_samples
@@ -128,6 +135,9 @@ class PPOModule(L.LightningModule):
 
     def configure_callbacks(self):
         return [KLHackCallback(self.kl_hack)] if self.kl_hack.action != "off" else []
+
+    def on_train_start(self) -> None:
+        restore_loader_position(self.trainer)  # a mid-epoch resume continues with the next prompts
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, float] | None:
         self.stack.eval()  # Lightning switches modules to train mode at fit start; PPO wants no dropout
