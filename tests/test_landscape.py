@@ -185,9 +185,10 @@ def config(inputs: dict, kind: str, out: Path, **overrides) -> LandscapeConfig:
 @torch.no_grad()
 def direct_scores(seed: str, inputs: dict) -> tuple[list[list[int]], list[float], list[float]]:
     """A seed's own responses, gold scores and rewards on the eval prompts, generated from the seed itself."""
-    from salsa_lightning.evaluation.run import _device, _load_split
+    from salsa_lightning.evaluation.run import _device
+    from salsa_lightning.landscape.run import load_eval_prompts
 
-    prompts = _load_split("id", inputs["eval"], 3, True)
+    prompts = load_eval_prompts(inputs["eval"], 3, True)
     tokenizer = load_tokenizer(ModelSpec(seed), padding_side="left")
     ids, _ = encode_prompts(tokenizer, prompts.messages, 512)
     # on the stage's device; loaded before seeding, since PEFT draws an init for the adapter it then loads

@@ -84,6 +84,11 @@ class SplitPrompts:
     def multi_turn(self) -> bool:
         return any(p.followups for p in self.prompts)
 
+    @property
+    def messages(self) -> list[Messages]:
+        """Each row's first-turn prompt: what a single-turn consumer (the landscape) generates from."""
+        return [p.messages for p in self.prompts]
+
 
 @dataclass
 class Responses:

@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -208,6 +209,15 @@ def _score_rewards(cfg: LandscapeConfig, messages: list, runs: list[PointRun], c
     _release_memory()
 
 
+def load_eval_prompts(eval_file: str, limit: int | None, need_gold: bool):
+    """The eval prompts of one file (a local file or Hub dataset's `test` split), by evaluate's own loader."""
+    split = SimpleNamespace(eval_files={"eval_file": eval_file}, hub_splits={}, prompt_columns={}, limit=limit)
+    try:
+        return _load_split(split, "eval_file", need_gold)
+    except SalsaError as err:  # evaluate's loader names its own field, `eval_files.<split>`
+        raise SalsaError(str(err).replace("eval_files.eval_file", "eval_file")) from err
+
+
 def run_landscape(cfg: LandscapeConfig, quiet: bool = False) -> dict[str, Any]:
     """Evaluate the soups of `cfg.seeds` on `cfg.line` / `cfg.plane`; write `cfg.output_dir`; return points.json's dict.
 
@@ -217,7 +227,10 @@ def run_landscape(cfg: LandscapeConfig, quiet: bool = False) -> dict[str, Any]:
     points = _validate(cfg)
     n = len(cfg.seeds)
     try:
-        prompts = _load_split("eval_file", cfg.eval_file, cfg.limit, "gold" in cfg.judges)
+        split = SimpleNamespace(
+            eval_files={"eval_file": cfg.eval_file}, hub_splits={}, prompt_columns={}, limit=cfg.limit
+        )
+        prompts = _load_split(split, "eval_file", "gold" in cfg.judges)
     except SalsaError as err:  # evaluate's loader names its own field, `eval_files.<split>`
         raise SalsaError(str(err).replace("eval_files.eval_file", "eval_file")) from err
     tokenizer = load_tokenizer(ModelSpec(cfg.seeds[0]), padding_side="left")

@@ -151,7 +151,8 @@ class RewardModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         moments = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares (rl.masked_moments)
-        loader = self.trainer.datamodule.train_dataloader()
+        dm = self.trainer.datamodule
+        loader = dm._loader(dm.train_set, shuffle=False)  # the whole set on every rank (not the rank's shard)
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             r = forward_through_root(self, "score_batch", batch["input_ids"], batch["attention_mask"]).cpu()
