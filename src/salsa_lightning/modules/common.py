@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import torch
 
 from salsa_lightning.seeding import current_seed  # noqa: F401  (stages import it from here)
@@ -207,3 +208,20 @@ def save_stage_output(
              **manifest},
         )  # fmt: skip
     return Path(output_dir)
+
+
+class ResumableStage(L.LightningModule):
+    """The hooks that make an SFT or reward run resume bit for bit (see `tests/test_resume.py`): running metric
+    sums in mid-epoch checkpoints, the train loader's position, and dropout seeded per step."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_metric_states(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        load_metric_states(self, checkpoint)
+
+    def on_train_start(self) -> None:
+        restore_loader_position(self.trainer)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        seed_training_step(self, batch_idx)  # resumable dropout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
@@ -19,15 +18,12 @@ from salsa_lightning.distributed import (
 from salsa_lightning.models.loading import ModelSpec, base_model_of, canonical_model_ref, is_peft_model, load_tokenizer
 from salsa_lightning.modules.common import (
     OptimSpec,
+    ResumableStage,
     configure_adamw,
     current_seed,
     format_output_dir,
-    load_metric_states,
-    restore_loader_position,
-    save_metric_states,
     save_stage_output,
     scalar_metrics,
-    seed_training_step,
 )
 from salsa_lightning.reward.losses import bradley_terry_loss, pairwise_stats
 from salsa_lightning.reward.model import load_reward_model, sequence_scores
@@ -37,7 +33,7 @@ from salsa_lightning.stage import check_output_dir
 REWARD_DEFAULT_OPTIM = OptimSpec(lr=2e-5, weight_decay=0.001, warmup_ratio=0.0, schedule="linear")
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(ResumableStage):
     """Pairwise reward model; chosen and rejected share one batched forward pass."""
 
     def __init__(
@@ -113,18 +109,6 @@ class RewardModule(L.LightningModule):
             metric = self.metrics[f"{split}_{name}"]
             metric.update(value, weight=batch_size)
             self.log(f"{split}/{name}", metric, on_step=split == "train", on_epoch=True, prog_bar=name == "accuracy")
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_metric_states(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        load_metric_states(self, checkpoint)
-
-    def on_train_start(self) -> None:
-        restore_loader_position(self.trainer)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_training_step(self, batch_idx)  # resumable dropout
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, stats = self.model_step(batch)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -23,15 +22,12 @@ from salsa_lightning.models.loading import (
 )
 from salsa_lightning.modules.common import (
     OptimSpec,
+    ResumableStage,
     configure_adamw,
     current_seed,
     format_output_dir,
-    load_metric_states,
-    restore_loader_position,
-    save_metric_states,
     save_stage_output,
     scalar_metrics,
-    seed_training_step,
 )
 from salsa_lightning.soup.sharded import load_sharded_causal_lm
 from salsa_lightning.stage import check_output_dir
@@ -51,7 +47,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss / n_tokens.clamp(min=1), correct, n_tokens
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(ResumableStage):
     """Causal-LM loss on assistant tokens; full fine-tuning or LoRA; writes an HF-format stage output."""
 
     def __init__(
@@ -116,18 +112,6 @@ class SFTModule(L.LightningModule):
         on_step = split == "train"
         self.log(f"{split}/loss", loss_metric, on_step=on_step, on_epoch=True, prog_bar=True)
         self.log(f"{split}/token_acc", acc_metric, on_step=on_step, on_epoch=True)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_metric_states(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        load_metric_states(self, checkpoint)
-
-    def on_train_start(self) -> None:
-        restore_loader_position(self.trainer)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_training_step(self, batch_idx)  # resumable dropout
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, correct, n_tokens = self.model_step(batch)
