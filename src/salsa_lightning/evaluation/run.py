@@ -143,6 +143,17 @@ def _check_model(kind: str, name: str, path: str, role: str = "policy") -> None:
     check_model_role(path, role, name if role == "reward" else f"{kind.lower()} {name}")
 
 
+def check_generation_settings(cfg) -> None:
+    """The generation and statistics settings evaluate and landscape share: one sentence for a bad one."""
+    for key in ("max_new_tokens", "max_prompt_length", "batch_size", "bootstrap_samples"):
+        if getattr(cfg, key) < 1:
+            raise SalsaError(f"{key} must be >= 1, got {getattr(cfg, key)}; set a positive value.")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise SalsaError(f"limit must be >= 1 or null, got {cfg.limit}; use null for every prompt.")
+    if cfg.do_sample and not cfg.temperature > 0:
+        raise SalsaError(f"temperature must be > 0 when sampling, got {cfg.temperature}; use e.g. 1.0.")
+
+
 def _validate(cfg: EvalConfig) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
     if not cfg.systems:
         raise SalsaError("No systems to evaluate; set `systems`, e.g. {sft: outputs/sft-seed1, salsa: outputs/salsa}.")
@@ -175,13 +186,7 @@ def _validate(cfg: EvalConfig) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
         raise SalsaError("`llm_judge` is set but `llm` is not in `judges`; add llm to `judges` or remove `llm_judge`.")
     if not cfg.reward_tie_margin >= 0:
         raise SalsaError(f"reward_tie_margin must be >= 0, got {cfg.reward_tie_margin}; use e.g. 0.1.")
-    for key in ("max_new_tokens", "max_prompt_length", "batch_size", "bootstrap_samples"):
-        if getattr(cfg, key) < 1:
-            raise SalsaError(f"{key} must be >= 1, got {getattr(cfg, key)}; set a positive value.")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise SalsaError(f"limit must be >= 1 or null, got {cfg.limit}; use null for every prompt.")
-    if cfg.do_sample and not cfg.temperature > 0:
-        raise SalsaError(f"temperature must be > 0 when sampling, got {cfg.temperature}; use e.g. 1.0.")
+    check_generation_settings(cfg)
     plot_pair = tuple(cfg.plot_pair) if cfg.plot_pair else (pairs[0] if pairs else tuple(cfg.systems)[:2])
     if not 1 <= len(plot_pair) <= 2 or any(n not in cfg.systems for n in plot_pair):
         raise SalsaError(f"plot_pair {cfg.plot_pair} must name one or two of the systems ({', '.join(cfg.systems)}).")

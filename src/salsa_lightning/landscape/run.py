@@ -28,7 +28,14 @@ from salsa_lightning.data import judge as gold
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluation.generation import encode_prompts, generate_responses, response_logprobs
 from salsa_lightning.evaluation.kl import sequence_kl
-from salsa_lightning.evaluation.run import _device, _load_split, _model_signature, _progress, _release_memory
+from salsa_lightning.evaluation.run import (
+    _device,
+    _load_split,
+    _model_signature,
+    _progress,
+    _release_memory,
+    check_generation_settings,
+)
 from salsa_lightning.landscape import report
 from salsa_lightning.landscape.config import LandscapeConfig
 from salsa_lightning.landscape.grid import Point, landscape_points, point_key
@@ -76,13 +83,7 @@ def _validate(cfg: LandscapeConfig) -> list[Point]:
         raise SalsaError(f"Unknown or no judges {unknown or cfg.judges}; set `judges` to a list of gold and/or reward.")
     if "reward" in cfg.judges and not cfg.reward_model:
         raise SalsaError("The reward judge needs a reward model; set `reward_model` to a reward stage output.")
-    for key in ("max_new_tokens", "max_prompt_length", "batch_size", "bootstrap_samples"):
-        if getattr(cfg, key) < 1:
-            raise SalsaError(f"{key} must be >= 1, got {getattr(cfg, key)}; set a positive value.")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise SalsaError(f"limit must be >= 1 or null, got {cfg.limit}; use null for every prompt.")
-    if cfg.do_sample and not cfg.temperature > 0:
-        raise SalsaError(f"temperature must be > 0 when sampling, got {cfg.temperature}; use e.g. 1.0.")
+    check_generation_settings(cfg)
     out = check_output_dir(cfg.output_dir, cfg.overwrite)
     models = [("seed", p) for p in cfg.seeds] + ([("reward model", cfg.reward_model)] if cfg.reward_model else [])
     for kind, path in models:
