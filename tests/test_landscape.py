@@ -11,15 +11,13 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from helpers import write_jsonl
+from landscape_helpers import GEN, direct_scores, save_lora_seed, save_reward_model
 
 from salsa_lightning.cli import cli_main
-from salsa_lightning.data import judge as gold
 from salsa_lightning.data.tasks import TaskSuiteConfig, build_task_suite
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.evaluation.generation import encode_prompts, generate_responses
 from salsa_lightning.landscape import run as landscape_run
 from salsa_lightning.landscape.config import LandscapeConfig, LineGrid, PlaneGrid
 from salsa_lightning.landscape.grid import (
@@ -33,14 +31,9 @@ from salsa_lightning.landscape.grid import (
     to_xy,
 )
 from salsa_lightning.landscape.run import run_landscape
-from salsa_lightning.models.loading import ModelSpec, load_causal_lm, load_tokenizer
-from salsa_lightning.reward.scoring import RewardScorer
 from salsa_lightning.stage import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Sampling, seeded: tiny random models answer every prompt with the same greedy token, sampling tells them apart.
-# A batch size that splits the 3 prompts unevenly.
-GEN = {"max_new_tokens": 5, "batch_size": 2, "do_sample": True, "temperature": 1.0}
 
 
 # ---------------------------------------------------------------- the grids (pure functions)
@@ -118,37 +111,6 @@ def test_weights_not_summing_to_one_are_refused_even_when_extrapolating():
 
 
 # ---------------------------------------------------------------- tiny seeds
-def _save_reward_model(path: Path, tokenizer) -> Path:
-    """A tiny reward model with a fixed `score` head (a reward stage output for the scorer; nothing trained)."""
-    from transformers import LlamaForSequenceClassification
-
-    from salsa_lightning.models.tiny import make_tiny_model
-
-    config = make_tiny_model(tokenizer, seed=7).config
-    config.num_labels = 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)
-        LlamaForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def _save_lora_seed(path: Path, base_dir: Path, seed: int, tokenizer, r: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # init_lora_weights=False: non-zero A and B, so the seeds differ
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), cfg)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "salsa_manifest.json").write_text(
-        json.dumps({"stage": "sft", "format": "lora", "base_model": str(base_dir), "seed": seed})
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     from salsa_lightning.models.tiny import save_tiny_checkpoint
@@ -158,8 +120,8 @@ def inputs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
                                              num_eval=5))  # fmt: skip
     return {
         "full": [str(save_tiny_checkpoint(root / f"full-seed{s}", seed=s)) for s in (1, 2, 3)],
-        "lora": [str(_save_lora_seed(root / f"lora-seed{s}", tiny_model_dir, s, tiny_tokenizer, r=s + 1)) for s in (1, 2, 3)],
-        "rm": str(_save_reward_model(root / "rm", tiny_tokenizer)),
+        "lora": [str(save_lora_seed(root / f"lora-seed{s}", tiny_model_dir, s, tiny_tokenizer, r=s + 1)) for s in (1, 2, 3)],
+        "rm": str(save_reward_model(root / "rm", tiny_tokenizer)),
         "eval": str(write_jsonl(root / "eval_id.jsonl", suite["eval_id.jsonl"])),
     }  # fmt: skip
 
@@ -182,26 +144,6 @@ def config(inputs: dict, kind: str, out: Path, **overrides) -> LandscapeConfig:
     return LandscapeConfig(**kwargs)
 
 
-@torch.no_grad()
-def direct_scores(seed: str, inputs: dict) -> tuple[list[list[int]], list[float], list[float]]:
-    """A seed's own responses, gold scores and rewards on the eval prompts, generated from the seed itself."""
-    from salsa_lightning.evaluation.run import _device
-    from salsa_lightning.landscape.run import load_eval_prompts
-
-    prompts = load_eval_prompts(inputs["eval"], 3, True)
-    tokenizer = load_tokenizer(ModelSpec(seed), padding_side="left")
-    ids, _ = encode_prompts(tokenizer, prompts.messages, 512)
-    # on the stage's device; loaded before seeding, since PEFT draws an init for the adapter it then loads
-    model = load_causal_lm(seed, trainable=False).to(_device())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the config's `seed`, as the stage seeds every point
-        generated = generate_responses(model, tokenizer, ids, **GEN)
-    texts = [g.text for g in generated]
-    scorer = RewardScorer.from_output(inputs["rm"], device=_device(), batch_size=2)
-    rewards = scorer.score(prompts.messages, texts).tolist()
-    return [g.token_ids for g in generated], [gold.score(p, t) for p, t in zip(prompts.texts, texts)], rewards
-
-
 def responses(out: Path, record: dict) -> list[dict]:
     return json.loads((out / "responses" / f"{record['key']}.json").read_text())["rows"]
 
@@ -215,7 +157,8 @@ def landscape(request, inputs, tmp_path_factory):
 
 def test_writes_every_file(landscape):
     _, out, results = landscape
-    files = ["points.csv", "points.json", "soup_report.csv", "soup_report.md", "line.png", "plane.png", "config.yaml"]
+    files = ["points.csv", "points.json", "line.png", "plane.png", "config.yaml"]
+    files += ["soup_report.csv", "soup_report.json", "soup_report.md"]
     for name in [*files, "salsa_manifest.json"]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in ("line.png", "plane.png"):
@@ -242,7 +185,7 @@ def test_seed_points_reproduce_the_seeds(landscape, inputs):
     for i, seed in enumerate(inputs[kind]):
         record = by[f"seed{i + 1}"]
         assert record["on_plane"] and record["xy"] == pytest.approx(VERTICES[i])
-        ids, golds, rewards = direct_scores(seed, inputs)
+        ids, golds, rewards = direct_scores(seed, inputs["eval"], inputs["rm"])
         assert [r["response_ids"] for r in responses(out, record)] == ids
         assert record["gold"] == sum(golds) / 3 and record["reward"] == sum(rewards) / 3
         own.append(ids)
@@ -263,6 +206,8 @@ def test_soup_report_has_every_seed_and_the_soup(landscape):
     assert rows[3]["kl_soup_seed"] is None and rows[3]["reward"] == soup["reward"]
     md = (out / "soup_report.md").read_text()
     assert "KL(soup‖·)" in md and "| soup |" in md
+    saved = json.loads((out / "soup_report.json").read_text())  # the same table as the soup command's report
+    assert saved["rows"] == rows and saved["judges"] == ["gold", "reward"] and saved["prompts"]["n"] == 3
 
 
 def test_rerun_reuses_the_cache_and_generates_nothing(landscape, inputs, monkeypatch):

@@ -4,6 +4,7 @@ the line `(1 - α)θ₁ + αθ₂` and the heat map of the plane of three seeds 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,15 +90,14 @@ def write_points_csv(path: Path, records: Sequence[dict[str, Any]], n: int) -> N
             w.writerow([_cell(x, 8) for x in row])
 
 
-def _soup_rows(rows: Sequence[dict[str, Any]], intervals: bool = True) -> tuple[list[str], list[list[str]]]:
+def _soup_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     qs = [q for q in QUANTITIES if rows and rows[0][q] is not None]
-    header = ["model", "weights", *(f"{q} [95% CI]" if intervals else q for q in qs), "KL(soup‖·)", "KL(·‖soup)"]
+    header = ["model", "weights", *(f"{q} [95% CI]" for q in qs), "KL(soup‖·)", "KL(·‖soup)"]
     out = []
     for r in rows:
         cells = [r["model"], ", ".join(f"{w:.2g}" for w in r["weights"])]
         for q in qs:
-            ci = f" [{r[f'{q}_ci'][0]:.3f}, {r[f'{q}_ci'][1]:.3f}]" if intervals else ""
-            cells.append(f"{r[q]:.3f}{ci}")
+            cells.append(f"{r[q]:.3f} [{r[f'{q}_ci'][0]:.3f}, {r[f'{q}_ci'][1]:.3f}]")
         cells += [_cell(r["kl_soup_seed"]) or "–", _cell(r["kl_seed_soup"]) or "–"]
         out.append(cells + [f"{r['length']:.1f}"])
     return header + ["length"], out
@@ -107,14 +107,15 @@ def soup_markdown(rows: Sequence[dict[str, Any]]) -> str:
     header, body = _soup_rows(rows)
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     lines += ["| " + " | ".join(c) + " |" for c in body]
-    lines += ["", "KL(soup‖·): mean over prompts of Σ_t log π_soup(y_t) - log π_model(y_t) on the uniform soup's "
-              "responses; KL(·‖soup): the same on the model's own responses. Intervals: bootstrap over prompts."]  # fmt: skip
+    lines += ["", "KL(soup‖·): mean over prompts of Σ_t log π_soup(y_t) - log π_model(y_t) on the soup's (row "
+              "`soup`) responses; KL(·‖soup): the same on the model's own responses. Intervals: bootstrap over prompts."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def soup_table(rows: Sequence[dict[str, Any]]) -> Table:
-    header, body = _soup_rows(rows, intervals=False)  # narrow enough for 80 columns; soup_report.md has the CIs
-    table = Table(title="Soup report (means over the eval prompts)")
+    """The soup report as printed by `soup` (with `report:`) and `landscape`: one row per seed and the soup."""
+    header, body = _soup_rows(rows)
+    table = Table(title="Soup report (means over the eval prompts, bootstrap 95% intervals)")
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i < 2 else "right")
     for cells in body:
@@ -202,18 +203,28 @@ def plot_plane(path: Path, records: Sequence[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def write_outputs(tmp: Path, records, soup_rows, n: int, line: bool, plane: bool) -> list[str]:
-    """points.csv, soup_report.csv/.md, and line.png / plane.png for the grids that were asked for."""
-    write_points_csv(tmp / "points.csv", records, n)
-    with open(tmp / "soup_report.csv", "w", newline="") as f:
+SOUP_REPORT_FILES = ("soup_report.csv", "soup_report.json", "soup_report.md")
+
+
+def write_soup_report(directory: Path, soup_rows, n: int, about: dict[str, Any]) -> list[str]:
+    """soup_report.csv/.json/.md (the same files in a landscape's and a soup's output); `about` (prompts, judges,
+    generation settings) goes into the JSON beside the rows."""
+    with open(directory / "soup_report.csv", "w", newline="") as f:
         w = csv.writer(f)
         keys = ["model", *(f"w{i + 1}" for i in range(n)), *(q for q in QUANTITIES if soup_rows[0][q] is not None)]
         keys += ["kl_soup_seed", "kl_seed_soup", "length"]
         w.writerow(keys)
         for r in soup_rows:
             w.writerow([r["model"], *r["weights"], *(_cell(r[k], 8) for k in keys[n + 1 :])])
-    (tmp / "soup_report.md").write_text(soup_markdown(soup_rows))
-    files = ["points.csv", "soup_report.csv", "soup_report.md"]
+    (directory / "soup_report.json").write_text(json.dumps({"rows": list(soup_rows), **about}, indent=2) + "\n")
+    (directory / "soup_report.md").write_text(soup_markdown(soup_rows))
+    return list(SOUP_REPORT_FILES)
+
+
+def write_outputs(tmp: Path, records, soup_rows, n: int, line: bool, plane: bool, about: dict[str, Any]) -> list[str]:
+    """points.csv, soup_report.csv/.json/.md, and line.png / plane.png for the grids that were asked for."""
+    write_points_csv(tmp / "points.csv", records, n)
+    files = ["points.csv", *write_soup_report(tmp, soup_rows, n, about)]
     if line:
         plot_line(tmp / "line.png", records, n)
         files.append("line.png")

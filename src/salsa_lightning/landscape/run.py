@@ -76,14 +76,25 @@ def reference_weights(label: str, n: int) -> tuple[float, ...]:
     return point_key([1.0 if j == i else 0.0 for j in range(n)])
 
 
-def _validate(cfg: LandscapeConfig) -> list[Point]:
-    points = landscape_points(len(cfg.seeds), cfg.line, cfg.plane, cfg.extrapolate)
+def validate_judging(cfg: LandscapeConfig) -> None:
+    """The judges, the reward model they need, and the generation settings: one sentence for a bad one (the soup
+    report checks its `report:` block with this too)."""
     unknown = [j for j in cfg.judges if j not in ("gold", "reward")]
     if unknown or not cfg.judges:
         raise SalsaError(f"Unknown or no judges {unknown or cfg.judges}; set `judges` to a list of gold and/or reward.")
     if "reward" in cfg.judges and not cfg.reward_model:
         raise SalsaError("The reward judge needs a reward model; set `reward_model` to a reward stage output.")
     check_generation_settings(cfg)
+    if cfg.reward_model:
+        try:
+            resolve_model_path(cfg.reward_model)
+        except SalsaError as err:
+            raise SalsaError(f"The reward model {cfg.reward_model}: {err}") from err
+
+
+def _validate(cfg: LandscapeConfig) -> list[Point]:
+    points = landscape_points(len(cfg.seeds), cfg.line, cfg.plane, cfg.extrapolate)
+    validate_judging(cfg)
     out = check_output_dir(cfg.output_dir, cfg.overwrite)
     models = [("seed", p) for p in cfg.seeds] + ([("reward model", cfg.reward_model)] if cfg.reward_model else [])
     for kind, path in models:
@@ -165,9 +176,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------- model work
-def _generate(cfg: LandscapeConfig, runs: list[PointRun], prompt_ids, tokenizer, console: Console) -> None:
-    """Responses and own log-probs of every point in `runs`, then their KL to each reference it needs."""
+def generate_points(
+    cfg: LandscapeConfig, runs: list[PointRun], prompt_ids, tokenizer, console: Console, soup_weights=None
+) -> None:
+    """Responses and own log-probs of every point in `runs`, then their KL to each reference it needs (`references`),
+    all from one in-memory model of `cfg.seeds`. The reference `soup` is the uniform soup unless `soup_weights`."""
     n = len(cfg.seeds)
+    ref_weights = {f"seed{i + 1}": reference_weights(f"seed{i + 1}", n) for i in range(n)}
+    ref_weights["soup"] = tuple(soup_weights) if soup_weights is not None else reference_weights("soup", n)
     with console.status(f"loading the seeds {', '.join(cfg.seeds)}"):
         soup = soup_model(cfg.seeds, cfg.dtype, _device(), cfg.extrapolate)
     pad = tokenizer.pad_token_id
@@ -187,7 +203,7 @@ def _generate(cfg: LandscapeConfig, runs: list[PointRun], prompt_ids, tokenizer,
         labels = list(dict.fromkeys(ref for run in runs for ref in references(run.point, n)))
         task = progress.add_task("KL references", total=len(labels))
         for label in labels:
-            soup.set_weights(reference_weights(label, n))
+            soup.set_weights(ref_weights[label])
             for run in runs:
                 if label in references(run.point, n):
                     ref_logp = response_logprobs(soup.model, prompt_ids, run.token_ids, cfg.batch_size, pad)
@@ -197,17 +213,22 @@ def _generate(cfg: LandscapeConfig, runs: list[PointRun], prompt_ids, tokenizer,
     _release_memory()
 
 
-def _score_rewards(cfg: LandscapeConfig, messages: list, runs: list[PointRun], console: Console) -> None:
-    from salsa_lightning.reward.scoring import RewardScorer
+def score_points(cfg: LandscapeConfig, prompts, runs: list[PointRun], console: Console) -> None:
+    """Each run's per-prompt reward (when `cfg.reward_model` is set) and gold score (when `gold` is a judge)."""
+    if cfg.reward_model:
+        from salsa_lightning.reward.scoring import RewardScorer
 
-    with console.status(f"scoring with the reward model {cfg.reward_model}"):
-        scorer = RewardScorer.from_output(
-            cfg.reward_model, dtype=cfg.dtype, device=_device(), batch_size=cfg.batch_size
-        )
+        with console.status(f"scoring with the reward model {cfg.reward_model}"):
+            scorer = RewardScorer.from_output(
+                cfg.reward_model, dtype=cfg.dtype, device=_device(), batch_size=cfg.batch_size
+            )
+            for run in runs:
+                run.reward = scorer.score(prompts.messages, run.texts).tolist()
+        del scorer
+        _release_memory()
+    if "gold" in cfg.judges:
         for run in runs:
-            run.reward = scorer.score(messages, run.texts).tolist()
-    del scorer
-    _release_memory()
+            run.gold = [gold.score(p, r) for p, r in zip(prompts.texts, run.texts, strict=True)]
 
 
 def load_eval_prompts(eval_file: str, limit: int | None, need_gold: bool):
@@ -227,13 +248,7 @@ def run_landscape(cfg: LandscapeConfig, quiet: bool = False) -> dict[str, Any]:
     console = Console(quiet=quiet)
     points = _validate(cfg)
     n = len(cfg.seeds)
-    try:
-        split = SimpleNamespace(
-            eval_files={"eval_file": cfg.eval_file}, hub_splits={}, prompt_columns={}, limit=cfg.limit
-        )
-        prompts = _load_split(split, "eval_file", "gold" in cfg.judges)
-    except SalsaError as err:  # evaluate's loader names its own field, `eval_files.<split>`
-        raise SalsaError(str(err).replace("eval_files.eval_file", "eval_file")) from err
+    prompts = load_eval_prompts(cfg.eval_file, cfg.limit, "gold" in cfg.judges)
     tokenizer = load_tokenizer(ModelSpec(cfg.seeds[0]), padding_side="left")
     prompt_ids, truncated = encode_prompts(tokenizer, prompts.messages, cfg.max_prompt_length)
     signatures = [_model_signature(p) for p in cfg.seeds]
@@ -246,16 +261,17 @@ def run_landscape(cfg: LandscapeConfig, quiet: bool = False) -> dict[str, Any]:
 
     with atomic_output_dir(cfg.output_dir, cfg.overwrite) as tmp:
         if todo:
-            _generate(cfg, todo, prompt_ids, tokenizer, console)
-        if cfg.reward_model:
-            _score_rewards(cfg, prompts.messages, runs, console)
-        if "gold" in cfg.judges:
-            for run in runs:
-                run.gold = [gold.score(p, r) for p, r in zip(prompts.texts, run.texts, strict=True)]
+            generate_points(cfg, todo, prompt_ids, tokenizer, console)
+        score_points(cfg, prompts, runs, console)
 
         records = [report.point_record(r, cfg.bootstrap_samples, cfg.seed) for r in runs]
         soup_rows = report.soup_report(records, n)
-        files = report.write_outputs(tmp, records, soup_rows, n, cfg.line is not None, cfg.plane is not None)
+        about = {
+            "prompts": {"source": prompts.source, "n": len(prompts.rows), "truncated": truncated},
+            "judges": list(cfg.judges),
+            "bootstrap": {"samples": cfg.bootstrap_samples, "seed": cfg.seed, "confidence": 0.95},
+        }
+        files = report.write_outputs(tmp, records, soup_rows, n, cfg.line is not None, cfg.plane is not None, about)
         for run in runs:
             text = json.dumps(_cache_record(run, prompts), ensure_ascii=False) + "\n"
             _write_atomic(tmp / RESPONSES / f"{run.key}.json", text)
@@ -264,8 +280,8 @@ def run_landscape(cfg: LandscapeConfig, quiet: bool = False) -> dict[str, Any]:
         results = {
             "points": records,
             "soup_report": soup_rows,
-            "prompts": {"source": prompts.source, "n": len(prompts.rows), "truncated": truncated},
-            "bootstrap": {"samples": cfg.bootstrap_samples, "seed": cfg.seed, "confidence": 0.95},
+            "prompts": about["prompts"],
+            "bootstrap": about["bootstrap"],
         }
         (tmp / "points.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
