@@ -118,6 +118,8 @@ def test_bad_ckpt_path_is_one_sentence_before_any_work(tiny_model_dir, tmp_path,
             "`--trainer.max_epochs` accepts int or null, not 'abc'",
         ),
         (["soup", "--weights=abc"], "`--weights` accepts list[float] or null, not 'abc'"),
+        (["soup", "--mode=half"], "`--mode` accepts one of 'auto', 'full', 'lora', not 'half'"),
+        (["soup", "--report.judges=[gold, llm]"], "`--report.judges` accepts one of 'gold', 'reward', not 'llm'"),
     ],
 )
 def test_a_bad_option_is_one_line_naming_it_not_the_usage_text(args, expected, capsys):

@@ -113,6 +113,9 @@ def config_error_sentence(message: str) -> str:
     innermost = re.search(r"Expected a <class '(?:[\w.]*\.)?(\w+)'>\. Got value: (.*)", message)
     if option and innermost:
         return f"`{option}` accepts {innermost.group(1)}, not {innermost.group(2).strip()!r}"
+    literal = re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", message)  # e.g. a judge's name
+    if option and literal:
+        return f"`{option}` accepts one of {literal.group(1)}, not {literal.group(2).strip()!r}"
     subtypes = re.search(r"Subtypes: \[(.*)\]", message)
     given = re.search(r"Given value: (.*)", message)
     if option and subtypes:
