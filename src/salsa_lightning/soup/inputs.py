@@ -20,7 +20,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Small text files that travel with the weights (tokenizer, HF config, chat template). Weights,
 # indexes, our own manifest/config and training leftovers are written afresh or left behind.
 _SIDE_SUFFIXES = {".json", ".txt", ".model", ".jinja", ".tiktoken"}
-_NOT_SIDE = {FULL_INDEX, ADAPTER_CONFIG, MANIFEST_NAME, CONFIG_NAME, "trainer_state.json"}
+# soup_report.json: a soup of soups must not inherit its input's report
+_NOT_SIDE = {FULL_INDEX, ADAPTER_CONFIG, MANIFEST_NAME, CONFIG_NAME, "trainer_state.json", "soup_report.json"}
 
 
 @dataclass

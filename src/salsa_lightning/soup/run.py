@@ -42,6 +42,8 @@ def run_soup(cfg: SoupConfig, quiet: bool = False) -> dict[str, Any]:
     Everything that can be checked is checked before anything is written (weights, paths, headers, shapes,
     adapter configs); the output is built in a temporary directory and renamed into place only when complete
     and verified, so a failure leaves nothing behind. Raises `SalsaError` for anything the user can fix.
+    With `cfg.report`, the soup report (`soup.report`) is checked first and written into that same temporary
+    directory once the soup is complete; its table is printed after the soup's.
     """
     console = Console(quiet=quiet)
     weights = resolve_weights(len(cfg.inputs), cfg.weights, cfg.alpha, cfg.allow_extrapolation)
@@ -55,6 +57,12 @@ def run_soup(cfg: SoupConfig, quiet: bool = False) -> dict[str, Any]:
         raise SalsaError("`merge: true` applies to LoRA adapters, but the inputs are full weights; set `merge: false`.")
     if fmt == "lora" and cfg.lora_combination == "approx_average":
         console.print("[yellow]lora_combination=approx_average is NOT the soup (it adds cross terms).[/yellow]")
+    report, report_plan, report_result = None, None, None
+    if cfg.report is not None:
+        # imported only here: the report loads the landscape, which builds its models through the soup API
+        from salsa_lightning.soup import report
+
+        report_plan = report.plan_report(cfg, fmt)  # checked, and its prompts read, before anything is built
 
     manifest: dict[str, Any] = {
         "stage": "soup",
@@ -101,6 +109,9 @@ def run_soup(cfg: SoupConfig, quiet: bool = False) -> dict[str, Any]:
                     f"`verify_tolerance` {cfg.verify_tolerance:g}; check the inputs for NaNs or extreme values."
                 )
             copy_side_files(inputs[0].path, tmp)
+            if report_plan is not None:
+                report_result = report.write_report(report_plan, weights, tmp, console)
+                manifest["report"] = {k: v for k, v in report_result.items() if k != "rows"}
             manifest["inputs"] = digests.result()
             manifest.update(
                 format="full",
@@ -158,8 +169,13 @@ def run_soup(cfg: SoupConfig, quiet: bool = False) -> dict[str, Any]:
                 manifest["rank"] = {"r": soup.config["r"], "rank_pattern": soup.config.get("rank_pattern") or {}}
             # A merged model keeps the config.json that save_pretrained wrote; an adapter takes the input's files.
             copy_side_files(inputs[0].path, tmp, replace=not cfg.merge)
+            if report_plan is not None:
+                report_result = report.write_report(report_plan, weights, tmp, console)
+                manifest["report"] = {k: v for k, v in report_result.items() if k != "rows"}
             _finish(tmp, cfg, manifest)
     _summary(console, cfg, manifest)
+    if report_result is not None:
+        console.print(report.soup_table(report_result["rows"]))
     return manifest
 
 
