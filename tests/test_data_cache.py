@@ -118,3 +118,32 @@ def test_two_tokenising_processes_give_the_same_rows(tiny_tokenizer, tmp_path):
         b.setup("fit")
         assert tokenized_rows(a) == tokenized_rows(b)
     assert any("_of_00002" in name for name in cache_entries(tmp_path / "two"))  # it did run in two processes
+
+
+def _tokenise_in_child(data: str, cache: str, queue) -> None:
+    dm = SFTDataModule(data, make_tiny_tokenizer(), cache_dir=cache)
+    dm.setup("fit")
+    queue.put(dm.train_set.to_list())
+
+
+def test_ranks_tokenising_at_once_leave_a_sound_cache(tiny_tokenizer, tmp_path):
+    """Two processes (as the ranks of a distributed run) write the same cache entry at once: `datasets` writes each
+    to a temporary file and renames it, so both get the full rows and a later run reads a whole file."""
+    import multiprocessing
+
+    data = str(write_jsonl(tmp_path / "sft.jsonl", addition_conversations(600)))
+    load_rows(data)  # (as on a real run, where each rank also reads the same JSON cache)
+    cache = str(tmp_path / "cache")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    ranks = [ctx.Process(target=_tokenise_in_child, args=(data, cache, queue)) for _ in range(2)]
+    for p in ranks:
+        p.start()
+    results = [queue.get(timeout=120) for _ in ranks]
+    for p in ranks:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    later = SFTDataModule(data, tiny_tokenizer, cache_dir=cache)
+    later.setup("fit")
+    assert results[0] == results[1] == later.train_set.to_list()
+    assert len(cache_entries(tmp_path / "cache")) == 2  # one entry each for the training and held-out rows
