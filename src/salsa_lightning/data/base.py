@@ -104,7 +104,8 @@ class ResumableDataLoader(DataLoader):
 
 
 class TokenizedDataModule(L.LightningDataModule):
-    """Holds `tokenizer` (linked from the model by the CLI), a `train_set` list and a collator."""
+    """Holds `tokenizer` (linked from the model by the CLI), a `train_set` (a `datasets.Dataset` of tokenised rows,
+    memory-mapped from the tokenisation cache, so each rank and loader worker shares the pages) and a collator."""
 
     what = "data"  # how error messages name this module's data
 
