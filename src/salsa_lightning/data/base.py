@@ -28,6 +28,14 @@ _FIELDS = {
     "val_fraction": ("in (0, 1)", lambda v: 0 < v < 1, 0.05),
     "max_length": ("at least 1", lambda v: v >= 1, 1024),
     "max_prompt_length": ("at least 1", lambda v: v >= 1, 512),
+    "num_proc": ("at least 1", lambda v: v >= 1, 4),
+}
+# the column-name fields (OpenRLHF's --input_key and friends): the default, and what the column holds
+_KEYS = {
+    "messages_key": ("messages", "the conversations (message lists)"),
+    "prompt_key": ("prompt", "the prompts"),
+    "chosen_key": ("chosen", "the preferred responses"),
+    "rejected_key": ("rejected", "the rejected responses"),
 }
 
 
@@ -96,7 +104,8 @@ class ResumableDataLoader(DataLoader):
 
 
 class TokenizedDataModule(L.LightningDataModule):
-    """Holds `tokenizer` (linked from the model by the CLI), a `train_set` list and a collator."""
+    """Holds `tokenizer` (linked from the model by the CLI), a `train_set` (a `datasets.Dataset` of tokenised rows,
+    memory-mapped from the tokenisation cache, so each rank and loader worker shares the pages) and a collator."""
 
     what = "data"  # how error messages name this module's data
 
@@ -108,6 +117,52 @@ class TokenizedDataModule(L.LightningDataModule):
                 require(
                     isinstance(value, (int, float, type(None))) and ok(value), f"data.{name}", value, wanted, example
                 )
+        for name, (default, _) in _KEYS.items():
+            if name in self.hparams:
+                value = self.hparams[name]
+                require(isinstance(value, str) and value != "", f"data.{name}", value, "a column name", f'"{default}"')
+        if "chosen_key" in self.hparams and "rejected_key" in self.hparams:
+            chosen, rejected = self.hparams.chosen_key, self.hparams.rejected_key
+            require(
+                chosen != rejected, "data.rejected_key", rejected, "another column than `data.chosen_key`", '"rejected"'
+            )
+
+    def require_columns(self, rows, source: str, *options: str) -> None:
+        """Refuse `rows` of `source` that lack the column named by one of `options` (`messages_key`, ...), before any
+        tokenising: one sentence naming the columns found and the option to set."""
+        for option in options:
+            column = self.hparams[option]
+            if column not in rows.column_names:
+                raise SalsaError(
+                    f"The {self.what} {source} has no column `{column}` (its columns: {', '.join(rows.column_names)}); "
+                    f"set `data.{option}` to the column that holds {_KEYS[option][1]}."
+                )
+
+    def cache_key(self, *modules) -> list:
+        """What, besides the rows, changes this module's tokens: the tokenizer and its chat template, the code that
+        tokenises (`modules`), the local data files, and every length and column setting (`cache.cached_map`)."""
+        from salsa_lightning.data import cache
+
+        settings = {k: v for k, v in self.hparams.items() if k.startswith("max_") or k in _KEYS}
+        return [
+            type(self).__name__,
+            cache.tokenizer_fingerprint(self.tokenizer),
+            cache.code_fingerprint(cache, *modules),
+            [cache.source_fingerprint(self.hparams[k]) for k in ("data", "val_data") if self.hparams.get(k)],
+            sorted(settings.items()),
+        ]
+
+    def tokenize(self, rows, encode: Callable[..., dict[str, list]], name: str, **fn_kwargs):
+        """`rows` through `encode(batch, indices, **fn_kwargs)`, cached (`cache.cached_map`); the module defining
+        `encode` and `chat` (the chat-template tokenisation) are its code."""
+        import sys
+
+        from salsa_lightning.data import chat
+        from salsa_lightning.data.cache import cached_map
+
+        key = self.cache_key(chat, sys.modules[encode.__module__])
+        hp = self.hparams
+        return cached_map(rows, encode, fn_kwargs, key, name=name, num_proc=hp.num_proc, cache_dir=hp.cache_dir)
 
     def require_tokenizer(self) -> None:
         if self.tokenizer is None:

@@ -83,12 +83,13 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length:
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
-def validate_messages(row: dict[str, Any], index: int) -> list[dict[str, str]]:
-    messages = row.get("messages")
+def validate_messages(row: dict[str, Any], index: int, key: str = "messages") -> list[dict[str, str]]:
+    """The conversation in column `key` of `row`, refusing one that is not a list of `{role, content}` messages."""
+    messages = row.get(key)
     if not isinstance(messages, list) or not messages:
         raise SalsaError(
-            f"Row {index} has no `messages` list; SFT rows must look like "
-            '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}.'
+            f"Row {index} has no `{key}` list; SFT rows must look like "
+            f'{{"{key}": [{{"role": "user", "content": ...}}, {{"role": "assistant", "content": ...}}]}}.'
         )
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:

@@ -13,44 +13,60 @@ from typing import Any
 import torch
 
 from salsa_lightning.data.base import ScoredDataModule
+from salsa_lightning.data.cache import flags, keep_flagged
 from salsa_lightning.data.chat import conversation, encode_left_truncated, last_assistant_text
 from salsa_lightning.data.collate import pad_sequences
 from salsa_lightning.data.sources import load_rows
 from salsa_lightning.errors import SalsaError
 
+PairKeys = tuple[str, str, str] | None  # the (prompt, chosen, rejected) column names; None = the defaults
+PAIR_KEYS = ("prompt", "chosen", "rejected")
 
-def validate_pair(row: dict[str, Any], index: int) -> None:
-    for key in ("chosen", "rejected"):
+
+def validate_pair(row: dict[str, Any], index: int, keys: PairKeys = None) -> None:
+    prompt_key, chosen_key, rejected_key = keys or PAIR_KEYS
+    for key in (chosen_key, rejected_key):
         if row.get(key) is None:
             raise SalsaError(
-                f"Preference row {index} has no `{key}`; rows need `prompt`, `chosen` and `rejected` "
+                f"Preference row {index} has no `{key}`; rows need `{prompt_key}`, `{chosen_key}` and `{rejected_key}` "
                 "(strings or message lists)."
             )
-    if row.get("prompt") is None and (isinstance(row["chosen"], str) or isinstance(row["rejected"], str)):
-        raise SalsaError(f"Preference row {index} has string responses but no `prompt`; add the prompt column.")
-
-
-def encode_pairs(rows, tokenizer, max_length: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Tokenised pairs, and counts of what was dropped or truncated (reported, never silent)."""
-    out, counts = [], {"identical_dropped": 0, "truncated": 0}
-    for i, row in enumerate(rows):
-        validate_pair(row, i)
-        if last_assistant_text(row["chosen"]).strip() == last_assistant_text(row["rejected"]).strip():
-            counts["identical_dropped"] += 1  # no preference signal, and a zero-margin pair only adds noise
-            continue
-        prompt = row.get("prompt") or ""
-        chosen, t1 = encode_left_truncated(tokenizer, conversation(prompt, row["chosen"]), max_length)
-        rejected, t2 = encode_left_truncated(tokenizer, conversation(prompt, row["rejected"]), max_length)
-        counts["truncated"] += int(t1 or t2)
-        item = {"chosen_ids": chosen, "rejected_ids": rejected}
-        if row.get("margin") is not None:
-            item["margin"] = float(row["margin"])
-        out.append(item)
-    if counts["identical_dropped"]:
-        warnings.warn(
-            f"Dropped {counts['identical_dropped']} preference pairs whose chosen and rejected are identical."
+    if row.get(prompt_key) is None and (isinstance(row[chosen_key], str) or isinstance(row[rejected_key], str)):
+        raise SalsaError(
+            f"Preference row {index} has string responses but no `{prompt_key}`; add the prompt column "
+            "(or set `data.prompt_key` to it)."
         )
-    return out, counts
+
+
+def encode_pair(row: dict[str, Any], index: int, tokenizer, max_length: int, keys: PairKeys = None):
+    """One pair's `chosen_ids` and `rejected_ids` and whether a side was truncated, or None for a pair whose chosen
+    and rejected responses are identical (no preference signal, and a zero-margin pair only adds noise)."""
+    prompt_key, chosen_key, rejected_key = keys or PAIR_KEYS
+    validate_pair(row, index, keys)
+    if last_assistant_text(row[chosen_key]).strip() == last_assistant_text(row[rejected_key]).strip():
+        return None
+    prompt = row.get(prompt_key) or ""
+    chosen, t1 = encode_left_truncated(tokenizer, conversation(prompt, row[chosen_key]), max_length)
+    rejected, t2 = encode_left_truncated(tokenizer, conversation(prompt, row[rejected_key]), max_length)
+    return chosen, rejected, t1 or t2
+
+
+def encode_pair_batch(
+    batch: dict[str, list], indices: list[int], tokenizer, max_length: int, keys: tuple[str, str, str]
+):
+    """A `Dataset.map` batch of pairs -> `chosen_ids`, `rejected_ids`, `truncated`, `keep` (False for identical
+    sides) and `margin` where the rows have one."""
+    out: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "truncated": [], "keep": []}
+    if "margin" in batch:
+        out["margin"] = [None if m is None else float(m) for m in batch["margin"]]
+    for j, index in enumerate(indices):
+        enc = encode_pair({k: v[j] for k, v in batch.items()}, index, tokenizer, max_length, keys)
+        chosen, rejected, truncated = enc or ([], [], False)
+        out["chosen_ids"].append(chosen)
+        out["rejected_ids"].append(rejected)
+        out["truncated"].append(truncated)
+        out["keep"].append(enc is not None)
+    return out
 
 
 class PairCollator:
@@ -65,7 +81,7 @@ class PairCollator:
             "input_ids": pad_sequences(seqs, self.pad_token_id),  # (2B, T)
             "attention_mask": pad_sequences([[1] * len(s) for s in seqs], 0),  # (2B, T)
         }
-        if all("margin" in r for r in rows):
+        if all(r.get("margin") is not None for r in rows):
             batch["margin"] = torch.tensor([r["margin"] for r in rows])
         return batch
 
@@ -91,6 +107,11 @@ class PreferenceDataModule(ScoredDataModule):
         num_workers: int = 0,
         limit: int | None = None,
         split_seed: int = 0,
+        prompt_key: str = "prompt",
+        chosen_key: str = "chosen",
+        rejected_key: str = "rejected",
+        num_proc: int = 1,
+        cache_dir: str | None = None,
     ):
         """
         Args:
@@ -105,6 +126,13 @@ class PreferenceDataModule(ScoredDataModule):
             num_workers: DataLoader worker processes.
             limit: Use only the first `limit` training rows.
             split_seed: Seed of the held-out split.
+            prompt_key: The column holding the prompt (string or messages; optional when both sides are whole
+                conversations), as OpenRLHF's `--prompt_key`.
+            chosen_key: The column holding the preferred response (string or messages).
+            rejected_key: The column holding the rejected response (string or messages).
+            num_proc: Processes that tokenise (`datasets.Dataset.map`).
+            cache_dir: Where the tokenised pairs are cached; None = next to the loaded rows in the `datasets` cache
+                (`HF_DATASETS_CACHE`). A second run with the same data, tokenizer, template and lengths loads them.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -113,15 +141,42 @@ class PreferenceDataModule(ScoredDataModule):
         self.train_set = self.val_set = self.test_set = None
         self.counts: dict[str, int] = {}
 
+    def _encode(self, rows, source: str):
+        """The tokenised pairs of `rows` (a `datasets.Dataset`, memory-mapped from the cache), and counts of what was
+        dropped or truncated (reported, never silent)."""
+        from datasets import Value
+
+        hp = self.hparams
+        self.require_columns(rows, source, "chosen_key", "rejected_key")
+        sides = [rows.features[k] for k in (hp.chosen_key, hp.rejected_key)]
+        if hp.prompt_key not in rows.column_names and any(isinstance(f, Value) for f in sides):
+            self.require_columns(rows, source, "prompt_key")  # responses alone need their prompt; conversations not
+        keys = (hp.prompt_key, hp.chosen_key, hp.rejected_key)
+        encoded = self.tokenize(
+            rows,
+            encode_pair_batch,
+            "preferences",
+            tokenizer=self.tokenizer,
+            max_length=hp.max_length,
+            keys=keys,
+        )
+        pairs = keep_flagged(encoded)  # (a dropped pair is never counted as truncated: it was not tokenised)
+        counts = {"identical_dropped": len(encoded) - len(pairs), "truncated": int(flags(encoded, "truncated").sum())}
+        if counts["identical_dropped"]:
+            warnings.warn(
+                f"Dropped {counts['identical_dropped']} preference pairs whose chosen and rejected are identical."
+            )
+        return pairs, counts
+
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage == "test":
             if self.test_set is None:
                 self.require_tokenizer()
                 rows = self.load_limited(hp.data, hp.split, hp.limit)
-                self.test_set, counts = encode_pairs(rows, self.tokenizer, hp.max_length)
+                self.test_set, counts = self._encode(rows, hp.data)
                 self.counts = {f"test_{k}": v for k, v in counts.items()}
-                if not self.test_set:
+                if len(self.test_set) == 0:
                     raise SalsaError(f"Every preference pair in {hp.data} has chosen == rejected; nothing to score.")
             return
         if self.train_set is not None:
@@ -136,12 +191,12 @@ class PreferenceDataModule(ScoredDataModule):
             rows, val_rows = parts["train"], parts["test"]
         else:
             val_rows = load_rows(hp.data, hp.val_split)
-        self.train_set, train_counts = encode_pairs(rows, self.tokenizer, hp.max_length)
-        self.val_set, val_counts = encode_pairs(val_rows, self.tokenizer, hp.max_length)
+        self.train_set, train_counts = self._encode(rows, hp.data)
+        self.val_set, val_counts = self._encode(val_rows, hp.val_data or hp.data)
         self.counts = {f"train_{k}": v for k, v in train_counts.items()} | {
             f"val_{k}": v for k, v in val_counts.items()
         }
-        if not self.train_set:
+        if len(self.train_set) == 0:
             raise SalsaError(f"Every preference pair in {hp.data} has chosen == rejected; nothing to learn from.")
 
     def collator(self) -> PairCollator:

@@ -9,15 +9,20 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from salsa_lightning.data.base import EpochShuffleSampler, ResumableDataLoader, TokenizedDataModule
+from salsa_lightning.data.cache import flags
 from salsa_lightning.data.chat import Messages, as_messages
 from salsa_lightning.data.collate import pad_sequences
 from salsa_lightning.errors import SalsaError
 
 
-def prompt_messages(row: dict[str, Any], index: int) -> Messages:
-    if row.get("prompt") is not None:
-        return as_messages(row["prompt"])
-    messages = row.get("messages")
+def prompt_messages(
+    row: dict[str, Any], index: int, prompt_key: str = "prompt", messages_key: str = "messages"
+) -> Messages:
+    """The prompt of `row`: its `prompt_key` (a string or messages), else the turns of `messages_key` before the first
+    assistant turn."""
+    if row.get(prompt_key) is not None:
+        return as_messages(row[prompt_key])
+    messages = row.get(messages_key)
     if isinstance(messages, list) and messages:
         head = []
         for m in messages:
@@ -27,8 +32,24 @@ def prompt_messages(row: dict[str, Any], index: int) -> Messages:
         if head:
             return head
     raise SalsaError(
-        f"RL prompt row {index} has neither `prompt` nor a `messages` list with a user turn; fix that row."
+        f"RL prompt row {index} has neither `{prompt_key}` nor a `{messages_key}` list with a user turn; fix that row."
     )
+
+
+def encode_prompts(
+    batch: dict[str, list], indices: list[int], tokenizer, max_prompt_length: int, keys: tuple[str, str]
+):
+    """A `Dataset.map` batch of prompt rows -> `input_ids` (the chat template with the generation prompt, cut from the
+    left to `max_prompt_length`), `messages` and `truncated`."""
+    out: dict[str, list] = {"input_ids": [], "messages": [], "truncated": []}
+    for j, index in enumerate(indices):
+        messages = prompt_messages({k: batch[k][j] for k in keys if k in batch}, index, *keys)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        out["input_ids"].append(ids[-max_prompt_length:])
+        out["messages"].append(messages)
+        out["truncated"].append(len(ids) > max_prompt_length)
+    return out
 
 
 class PromptCollator:
@@ -59,6 +80,10 @@ class PromptDataModule(TokenizedDataModule):
         limit: int | None = None,
         shuffle_seed: int = 0,
         num_workers: int = 0,
+        prompt_key: str = "prompt",
+        messages_key: str = "messages",
+        num_proc: int = 1,
+        cache_dir: str | None = None,
     ):
         """
         Args:
@@ -70,12 +95,18 @@ class PromptDataModule(TokenizedDataModule):
             limit: Use only the first `limit` prompts.
             shuffle_seed: Seed of the per-epoch prompt order.
             num_workers: DataLoader worker processes.
+            prompt_key: The column holding the prompt (a string or messages), as OpenRLHF's `--input_key`.
+            messages_key: The column of conversations used where `prompt_key` is absent or null (the turns before
+                the first assistant turn).
+            num_proc: Processes that tokenise (`datasets.Dataset.map`).
+            cache_dir: Where the tokenised prompts are cached; None = next to the loaded rows in the `datasets` cache
+                (`HF_DATASETS_CACHE`). A second run with the same data, tokenizer, template and length loads them.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         self.check_fields()
         self.tokenizer = tokenizer
-        self.rows: list[dict[str, Any]] | None = None
+        self.rows = None  # a `datasets.Dataset` of `input_ids` and `messages` after `setup`
         self.truncated = 0
 
     def setup(self, stage: str | None = None) -> None:
@@ -84,15 +115,23 @@ class PromptDataModule(TokenizedDataModule):
         self.require_tokenizer()
         hp = self.hparams
         rows = self.load_limited(hp.data, hp.split, hp.limit)
-        self.rows, self.truncated = [], 0
-        for i, row in enumerate(rows):
-            messages = prompt_messages(row, i)
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > hp.max_prompt_length:
-                self.truncated += 1
-                ids = ids[-hp.max_prompt_length :]
-            self.rows.append({"input_ids": ids, "messages": messages})
+        keys = (hp.prompt_key, hp.messages_key)
+        if not any(k in rows.column_names for k in keys):
+            raise SalsaError(
+                f"The prompt data {hp.data} has neither a `{hp.prompt_key}` nor a `{hp.messages_key}` column (its "
+                f"columns: {', '.join(rows.column_names)}); set `data.prompt_key` (or `data.messages_key`) to the "
+                "column that holds the prompts."
+            )
+        encoded = self.tokenize(
+            rows,
+            encode_prompts,
+            "prompts",
+            tokenizer=self.tokenizer,
+            max_prompt_length=hp.max_prompt_length,
+            keys=keys,
+        )
+        self.truncated = int(flags(encoded, "truncated").sum())
+        self.rows = encoded.remove_columns("truncated")
         if self.truncated:
             warnings.warn(
                 f"{self.truncated} prompts were longer than max_prompt_length={hp.max_prompt_length}; kept their ends."
