@@ -43,11 +43,27 @@ PREREQUISITES = [  # (output, command): the quickstart steps RL starts from
 
 class GoldCurve(Callback):
     """Held-out gold score of the policy, greedy, on the suite's eval prompts: before training, every `every`
-    updates, and at the end; written to `path` as {"points": [{"update", "<split>": [score per prompt]}]}."""
+    updates, and at the end; written to `path` as {"points": [{"update", "<split>": [score per prompt]}]}.
 
-    def __init__(self, path: str, eval_files: dict[str, str], every: int = 8, max_new_tokens: int = 48):
+    Greedy decoding makes the update-0 point a function of the SFT start alone, so with `start_cache` it is computed
+    once and shared by every arm that starts from the same policy (same files, same eval settings)."""
+
+    def __init__(
+        self,
+        path: str,
+        eval_files: dict[str, str],
+        every: int = 8,
+        max_new_tokens: int = 48,
+        start_cache: str | None = None,
+    ):
         self.path, self.eval_files, self.every, self.max_new_tokens = Path(path), eval_files, every, max_new_tokens
+        self.start_cache = Path(start_cache) if start_cache else None
         self.points: list[dict] = []
+
+    def _start_key(self, pl_module) -> str:
+        init = Path(str(pl_module.hparams.get("policy_init", "")))
+        stamps = sorted((f.name, f.stat().st_mtime_ns) for f in init.glob("*.safetensors")) if init.is_dir() else []
+        return json.dumps([str(init.resolve()), stamps, self.eval_files, self.max_new_tokens])
 
     def _evaluate(self, pl_module) -> None:
         from salsa_lightning.data import judge
@@ -67,7 +83,16 @@ class GoldCurve(Callback):
         self.path.write_text(json.dumps({"points": self.points}))
 
     def on_train_start(self, trainer, pl_module) -> None:
+        key = self._start_key(pl_module)
+        if self.start_cache is not None and self.start_cache.exists():
+            cached = json.loads(self.start_cache.read_text())
+            if cached["key"] == key:
+                self.points.append(cached["point"])
+                self.path.write_text(json.dumps({"points": self.points}))
+                return
         self._evaluate(pl_module)
+        if self.start_cache is not None:
+            self.start_cache.write_text(json.dumps({"key": key, "point": self.points[0]}))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done = pl_module.updates_done
@@ -104,6 +129,7 @@ def run_arm(
         f"--model.output_dir={out / 'policy'}", "--model.overwrite=true",
         "--trainer.callbacks+=learning.GoldCurve", f"--trainer.callbacks.path={out / 'curve.json'}",
         f"--trainer.callbacks.eval_files={json.dumps(evals)}", f"--trainer.callbacks.every={every}",
+        f"--trainer.callbacks.start_cache={out.parent / 'start.json'}",
     ]  # fmt: skip
     print(f"== {out.name}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.perf_counter()
