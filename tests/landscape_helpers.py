@@ -55,18 +55,18 @@ def direct_scores(
 ) -> tuple[list[list[int]], list[float], list[float]]:
     """A model's own responses, gold scores and rewards on the first `limit` eval prompts, generated from it alone
     with `GEN` (seed 0, as the stages seed every point)."""
-    from salsa_lightning.evaluation.run import _device
+    from salsa_lightning.evaluation.runtime import default_device
     from salsa_lightning.landscape.run import load_eval_prompts
 
     prompts = load_eval_prompts(eval_file, limit, True)
     tokenizer = load_tokenizer(ModelSpec(model_dir), padding_side="left")
     ids, _ = encode_prompts(tokenizer, prompts.messages, 512)
     # on the stage's device; loaded before seeding, since PEFT draws an init for the adapter it then loads
-    model = load_causal_lm(model_dir, trainable=False).to(_device())
+    model = load_causal_lm(model_dir, trainable=False).to(default_device())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the config's `seed`
         generated = generate_responses(model, tokenizer, ids, **GEN)
     texts = [g.text for g in generated]
-    scorer = RewardScorer.from_output(reward_model, device=_device(), batch_size=2)
+    scorer = RewardScorer.from_output(reward_model, device=default_device(), batch_size=2)
     rewards = scorer.score(prompts.messages, texts).tolist()
     return [g.token_ids for g in generated], [gold.score(p, t) for p, t in zip(prompts.texts, texts)], rewards

@@ -383,7 +383,7 @@ def test_a_split_reads_its_hub_split_and_prompt_column(monkeypatch):
     prompt out of a differently named column."""
     import datasets
 
-    from salsa_lightning.evaluation import run
+    from salsa_lightning.evaluation import splits
 
     calls = []
 
@@ -391,22 +391,22 @@ def test_a_split_reads_its_hub_split_and_prompt_column(monkeypatch):
         calls.append((source, split))
         return datasets.Dataset.from_list([{"id": 1, "question": "Why is the sky blue?", "prompt": "unused"}])
 
-    monkeypatch.setattr(run, "load_rows", fake_load_rows)
+    monkeypatch.setattr(splits, "load_rows", fake_load_rows)
     cfg = EvalConfig(
         systems={"a": "x"},
         eval_files={"qa": "some-org/some-set", "uf": "HuggingFaceH4/ultrafeedback_binarized"},
         hub_splits={"qa": "validation"},
         prompt_columns={"qa": "question"},
     )
-    qa = run._load_split(cfg, "qa", need_gold=False)
-    uf = run._load_split(cfg, "uf", need_gold=False)
+    qa = splits.load_split(cfg, "qa", need_gold=False)
+    uf = splits.load_split(cfg, "uf", need_gold=False)
     assert calls == [("some-org/some-set", "validation"), ("HuggingFaceH4/ultrafeedback_binarized", "test")]
     assert qa.prompts[0].messages == [{"role": "user", "content": "Why is the sky blue?"}] and qa.items == [(0, 0)]
     assert uf.prompts[0].messages == [{"role": "user", "content": "unused"}]  # the default column: `prompt`
 
     cfg.prompt_columns = {"qa": "instruction"}
     with pytest.raises(SalsaError, match=r"eval_files\.qa .*no column 'instruction' \(its columns: id, prompt, "):
-        run._load_split(cfg, "qa", need_gold=False)
+        splits.load_split(cfg, "qa", need_gold=False)
 
 
 @pytest.mark.parametrize("key", ["hub_splits", "prompt_columns"])

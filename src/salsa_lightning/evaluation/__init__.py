@@ -9,6 +9,10 @@ means (gold score, reward, length, KL to references) and the reward distribution
 - `kl`: per-response KL of a policy to a reference on the policy's own responses;
 - `report`: Rich / CSV / Markdown tables and the distribution plot;
 - `llm_judge`: the `llm` judge — pairwise verdicts from a chat model over an OpenAI-compatible endpoint;
+- `checks`: everything checked before a model is loaded; `splits`: each split's prompts, loaded and checked;
+- `responses`: each system's responses, generated or reused, and their files; `scoring`: KL, reward, gold score;
+- `judging`: each pair judged by each judge into win-rate records; `runtime`: device, model loading, progress bar
+  and model signatures, shared with the landscape;
 - `run`: `run_evaluate(EvalConfig)`, the stage itself.
 """
 

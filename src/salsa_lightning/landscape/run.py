@@ -26,16 +26,11 @@ from rich.console import Console
 from salsa_lightning import __version__
 from salsa_lightning.data import judge as gold
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.evaluation.checks import check_generation_settings
 from salsa_lightning.evaluation.generation import encode_prompts, generate_responses, response_logprobs
 from salsa_lightning.evaluation.kl import sequence_kl
-from salsa_lightning.evaluation.run import (
-    _device,
-    _load_split,
-    _model_signature,
-    _progress,
-    _release_memory,
-    check_generation_settings,
-)
+from salsa_lightning.evaluation.runtime import default_device, model_signature, progress_bar, release_memory
+from salsa_lightning.evaluation.splits import load_split
 from salsa_lightning.landscape import report
 from salsa_lightning.landscape.config import LandscapeConfig
 from salsa_lightning.landscape.grid import Point, landscape_points, point_key
@@ -118,7 +113,7 @@ def _settings(cfg: LandscapeConfig) -> dict[str, Any]:
         "temperature": cfg.temperature if cfg.do_sample else None,
         "seed": cfg.seed if cfg.do_sample else None,
         "batch_size": cfg.batch_size,  # batching changes greedy results at the rounding level
-        "device": str(_device()),
+        "device": str(default_device()),
     }
 
 
@@ -185,9 +180,9 @@ def generate_points(
     ref_weights = {f"seed{i + 1}": reference_weights(f"seed{i + 1}", n) for i in range(n)}
     ref_weights["soup"] = tuple(soup_weights) if soup_weights is not None else reference_weights("soup", n)
     with console.status(f"loading the seeds {', '.join(cfg.seeds)}"):
-        soup = soup_model(cfg.seeds, cfg.dtype, _device(), cfg.extrapolate)
+        soup = soup_model(cfg.seeds, cfg.dtype, default_device(), cfg.extrapolate)
     pad = tokenizer.pad_token_id
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("points", total=len(runs))
         for run in runs:
             soup.set_weights(run.point.weights)
@@ -210,7 +205,7 @@ def generate_points(
                     run.kl[label] = sequence_kl(run.logp, ref_logp).tolist()
             progress.advance(task)
     del soup
-    _release_memory()
+    release_memory()
 
 
 def score_points(cfg: LandscapeConfig, prompts, runs: list[PointRun], console: Console) -> None:
@@ -220,12 +215,12 @@ def score_points(cfg: LandscapeConfig, prompts, runs: list[PointRun], console: C
 
         with console.status(f"scoring with the reward model {cfg.reward_model}"):
             scorer = RewardScorer.from_output(
-                cfg.reward_model, dtype=cfg.dtype, device=_device(), batch_size=cfg.batch_size
+                cfg.reward_model, dtype=cfg.dtype, device=default_device(), batch_size=cfg.batch_size
             )
             for run in runs:
                 run.reward = scorer.score(prompts.messages, run.texts).tolist()
         del scorer
-        _release_memory()
+        release_memory()
     if "gold" in cfg.judges:
         for run in runs:
             run.gold = [gold.score(p, r) for p, r in zip(prompts.texts, run.texts, strict=True)]
@@ -235,7 +230,7 @@ def load_eval_prompts(eval_file: str, limit: int | None, need_gold: bool):
     """The eval prompts of one file (a local file or Hub dataset's `test` split), by evaluate's own loader."""
     split = SimpleNamespace(eval_files={"eval_file": eval_file}, hub_splits={}, prompt_columns={}, limit=limit)
     try:
-        return _load_split(split, "eval_file", need_gold)
+        return load_split(split, "eval_file", need_gold)
     except SalsaError as err:  # evaluate's loader names its own field, `eval_files.<split>`
         raise SalsaError(str(err).replace("eval_files.eval_file", "eval_file")) from err
 
@@ -251,7 +246,7 @@ def run_landscape(cfg: LandscapeConfig, quiet: bool = False) -> dict[str, Any]:
     prompts = load_eval_prompts(cfg.eval_file, cfg.limit, "gold" in cfg.judges)
     tokenizer = load_tokenizer(ModelSpec(cfg.seeds[0]), padding_side="left")
     prompt_ids, truncated = encode_prompts(tokenizer, prompts.messages, cfg.max_prompt_length)
-    signatures = [_model_signature(p) for p in cfg.seeds]
+    signatures = [model_signature(p) for p in cfg.seeds]
     settings = _settings(cfg)
     runs = [PointRun(p, cache_key(signatures, p.weights, prompts.messages, settings)) for p in points]
     sources = _cache_sources(cfg)

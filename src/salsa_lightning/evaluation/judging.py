@@ -1,0 +1,108 @@
+"""Each pair of systems judged on each split by each judge: the gold judge and the reward model verdict by verdict,
+the llm judge on every pair at once through one pool of requests; win-rate summaries and the per-prompt verdicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from salsa_lightning.data import judge as gold
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.evaluation.config import EvalConfig
+from salsa_lightning.evaluation.llm_judge import LLMJudge, PairJudgement, comparison, read_cache, split_verdicts
+from salsa_lightning.evaluation.responses import Responses
+from salsa_lightning.evaluation.runtime import progress_bar
+from salsa_lightning.evaluation.splits import SplitPrompts
+from salsa_lightning.evaluation.stats import verdict_from_scores, win_rate_summary
+
+
+def connect_llm_judge(cfg: EvalConfig, out: Path) -> LLMJudge:
+    """The llm judge of `cfg.llm_judge`, its pre-flight passed (key set, endpoint reachable, model served) — before
+    any model is loaded; with `overwrite`, an earlier run's replies in `out` are its cache."""
+    # each cached reply is keyed by everything that decides it
+    cache = read_cache(out / "judgements.jsonl") if cfg.overwrite and out.is_dir() else None
+    judge = LLMJudge(cfg.llm_judge, cache)
+    judge.connect()
+    return judge
+
+
+def _judge_with_llm(
+    judge: LLMJudge,
+    pairs: list[tuple[str, str]],
+    splits: dict[str, SplitPrompts],
+    responses: dict[str, dict[str, Responses]],
+    console: Console,
+) -> dict[tuple[str, str, str], list[PairJudgement]]:
+    """Every pair on every split in one batch, so the thread pool stays full across pairs."""
+    spans, comparisons = [], []
+    for a, b in pairs:
+        for split in splits:
+            ra, rb = responses[a][split], responses[b][split]
+            spans.append(((a, b, split), len(comparisons), len(comparisons) + len(ra.texts)))
+            # a later turn: each system's own conversation, so the judge sees what each answer follows
+            comparisons += map(comparison, ra.prompts, ra.texts, rb.prompts, rb.texts)
+    with progress_bar(console) as progress:
+        task = progress.add_task(f"llm judge ({judge.spec.model})", total=None)
+        judged = judge.judge(
+            comparisons, on_reply=lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    out = {key: judged[lo:hi] for key, lo, hi in spans}
+    for (a, b, split), js in out.items():
+        if not split_verdicts(js)[0]:
+            example = js[0].replies[0].error or js[0].replies[0].text or js[0].replies[1].error or ""
+            raise SalsaError(
+                f"The llm judge gave no usable verdict for {a} vs {b} on {split} (every prompt unparseable or failed; "
+                f"e.g. {example[:200]!r}); check llm_judge.model, the template and the endpoint."
+            )
+    return out
+
+
+def _verdicts(judge: str, cfg: EvalConfig, prompts: SplitPrompts, a: Responses, b: Responses) -> list[str]:
+    if judge == "gold":
+        return [gold.compare(p, x, y) for p, x, y in zip(prompts.texts, a.texts, b.texts, strict=True)]
+    return [verdict_from_scores(x, y, cfg.reward_tie_margin) for x, y in zip(a.reward, b.reward, strict=True)]
+
+
+def judge_pairs(
+    cfg: EvalConfig,
+    pairs: list[tuple[str, str]],
+    splits: dict[str, SplitPrompts],
+    responses: dict[str, dict[str, Responses]],
+    llm: LLMJudge | None,
+    console: Console,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One win-rate record per (judge, pair, split), bootstrap intervals included, and one judgement per prompt
+    (judgements.jsonl: the llm judge's with both orders' replies, which are its cache). The llm judge's prompts
+    without a usable verdict are counted and left out of n."""
+    llm_judged = _judge_with_llm(llm, pairs, splits, responses, console) if llm else {}
+    pair_records, judgements = [], []
+    for judge in cfg.judges:
+        for a, b in pairs:
+            for split, prompts in splits.items():
+                where = {"judge": judge, "split": split, "a": a, "b": b}
+                if judge == "llm":
+                    js = llm_judged[(a, b, split)]
+                    verdicts, unparseable, failed = split_verdicts(js)
+                    left_out = {"unparseable": unparseable, "failed": failed}
+                    judgements += [
+                        {**where, "index": i, "verdict": j.verdict, "orders": j.orders()} for i, j in enumerate(js)
+                    ]
+                else:
+                    verdicts = _verdicts(judge, cfg, prompts, responses[a][split], responses[b][split])
+                    left_out = {}
+                    judgements += [{**where, "index": i, "verdict": v} for i, v in enumerate(verdicts)]
+                summary = win_rate_summary(verdicts, cfg.bootstrap_samples, cfg.seed)
+                pair_records.append({**where, **summary, **left_out})
+    return pair_records, judgements
+
+
+def llm_note(report: dict[str, Any]) -> str:
+    """The line under the win-rate table about the llm judge: requests, retries, cache, tokens, replies left out."""
+    return (
+        f"LLM judge {report['model']}: {report['requests']} requests ({report['retries']} retries), "
+        f"{report['cached_replies']} cached replies, {report['prompt_tokens']} prompt + "
+        f"{report['completion_tokens']} completion tokens; {report['unparseable_replies']} unparseable replies, "
+        f"{report['failed_replies']} failed requests (their prompts are left out of n)."
+    )
