@@ -9,18 +9,17 @@ overridable, `--print_config`); `validate` and `test` report SFT perplexity and 
 subcommands (`data`, `soup`, `evaluate`, `export`, `landscape`) are not Trainer methods, so LightningCLI cannot
 build them; we add their parsers (one dataclass each) to the same subcommand group, so one `--help` shows
 everything, and run them without a Trainer.
+
+Their registry is `cli_commands`; the parser and its one-sentence errors `cli_parser`; what a resume reads from its
+checkpoint `cli_resume`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
-import json
 import logging
 import sys
-import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,29 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
+from salsa_lightning.cli_commands import EXTRA_COMMANDS, ExtraCommand
+from salsa_lightning.cli_parser import (
+    SalsaParser,
+    bare_bool_flags,
+    config_error_sentence,
+    enable_attribute_docstrings,
+    keep_nested_nulls,
+)
+from salsa_lightning.cli_resume import check_ckpt_path, checkpoint_model_arg
 from salsa_lightning.errors import SalsaError, user_error
 from salsa_lightning.stage import CHECKPOINT_KEY
+
+# the public names, those that moved to cli_commands and cli_parser still importable from here
+__all__ = [
+    "EXTRA_COMMANDS",
+    "ExtraCommand",
+    "SalsaCLI",
+    "SalsaParser",
+    "StageConfigCallback",
+    "cli_main",
+    "config_error_sentence",
+    "main",
+]
 
 # Imported before parsing, so that `--model PPOModule` and `--model.help PPOModule` resolve by class name (jsonargparse
 # looks a short name up among the subclasses already imported); cheap: none of them imports a model library.
@@ -43,90 +63,6 @@ STAGE_MODULES = (
     "salsa_lightning.data.preferences",
     "salsa_lightning.data.prompts",
 )
-
-
-@dataclass(frozen=True)
-class ExtraCommand:
-    config: str  # "module:DataclassName"
-    run: str  # "module:function" taking the config instance
-    help: str
-
-    def load(self, ref: str):
-        module, name = ref.split(":")
-        return getattr(importlib.import_module(module), name)
-
-
-# The recipe's non-training subcommands: one literal registry (nothing registers itself from elsewhere). Each
-# dataclass's fields become the command's flags and YAML keys.
-EXTRA_COMMANDS: dict[str, ExtraCommand] = {
-    "data": ExtraCommand(
-        config="salsa_lightning.data.tasks:TaskSuiteConfig",
-        run="salsa_lightning.data.tasks:run_data",
-        help="Write the built-in task suite (SFT, preferences, RL prompts, ID/OOD eval) with its gold judge.",
-    ),
-    "soup": ExtraCommand(
-        config="salsa_lightning.soup.config:SoupConfig",
-        run="salsa_lightning.soup.run:run_soup",
-        help="Average several SFT seeds (full weights, or LoRA adapters exactly) into a model soup.",
-    ),
-    "evaluate": ExtraCommand(
-        config="salsa_lightning.evaluation.config:EvalConfig",
-        run="salsa_lightning.evaluation.run:run_evaluate",
-        help="Generate responses from several systems and judge them pairwise: win rates, KL, reward distributions.",
-    ),
-    "landscape": ExtraCommand(
-        config="salsa_lightning.landscape.config:LandscapeConfig",
-        run="salsa_lightning.landscape.run:run_landscape",
-        help="Gold score / reward over soups of two or three seeds, on a line and a plane, inside and beyond the "
-        "seeds (paper Fig. 2), plus the soup report: each seed and the uniform soup, with the KL between them.",
-    ),
-    "export": ExtraCommand(
-        config="salsa_lightning.checkpoints:ExportConfig",
-        run="salsa_lightning.checkpoints:run_export",
-        help="Convert an SFT, reward or PPO checkpoint (a .ckpt file, or a sharded FSDP2 checkpoint directory) into the "
-        "HF-format stage output; an exported reward model has no training-set reward stats (normalize_reward refuses "
-        "it).",
-    ),
-}
-
-
-def config_error_sentence(message: str) -> str:
-    """jsonargparse's multi-line account of a bad option as one sentence: the option, what it accepts, the value.
-
-    `Parser key "trainer.max_epochs": Does not validate ... Subtypes: [<class 'int'>, <class 'NoneType'>] ... Given
-    value: abc` becomes "`--trainer.max_epochs` accepts int or null, not 'abc'."; an unknown nested option names
-    itself and its class."""
-    import re
-
-    keys = re.findall(r'Parser key "([^"]+)"', message)  # nested: model -> optim -> lr
-    option = "--" + ".".join(keys) if keys else None
-    unknown = re.search(r"Option '([^']+)' is not accepted", message) or re.search(
-        r"Key '([^']+)' is not expected", message
-    )
-    klass = re.findall(r"class_path '([^']+)'", message)
-    if option and unknown:
-        where = f" of {klass[-1].rsplit('.', 1)[-1]}" if klass else ""
-        return f"`{option}.{unknown.group(1)}` is not an option{where}; check its spelling"
-    unrecognized = re.search(r"Unrecognized arguments: (.*)", message)
-    if unrecognized:
-        return f"Unrecognized argument {unrecognized.group(1).strip()}"
-    innermost = re.search(r"Expected a <class '(?:[\w.]*\.)?(\w+)'>\. Got value: (.*)", message)
-    if option and innermost:
-        return f"`{option}` accepts {innermost.group(1)}, not {innermost.group(2).strip()!r}"
-    literal = re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", message)  # e.g. a judge's name
-    if option and literal:
-        return f"`{option}` accepts one of {literal.group(1)}, not {literal.group(2).strip()!r}"
-    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
-    given = re.search(r"Given value: (.*)", message)
-    if option and subtypes:
-        names = re.findall(r"<class '(?:[\w.]*\.)?(\w+)'>|([\w.]+\[[^\]]*\])", subtypes.group(1))
-        kinds = [("null" if a == "NoneType" else a) or b for a, b in names]
-        value = f", not {given.group(1).strip()!r}" if given else ""
-        return f"`{option}` accepts {' or '.join(kinds)}{value}"
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    detail = next((ln for ln in lines[1:] if not ln.startswith(("Does not validate", "Subtypes", "Errors"))), "")
-    head = lines[0] if lines else message
-    return f"{head} {detail}".strip().rstrip(":")
 
 
 class StageConfigCallback(SaveConfigCallback):
@@ -153,27 +89,6 @@ class StageConfigCallback(SaveConfigCallback):
             "seed": current_seed(),
             "metrics": scalar_metrics(trainer.callback_metrics),
         }
-
-
-class SalsaParser(LightningArgumentParser):
-    """Lightning's parser, naming the command as the user typed it in `usage:` lines (argparse would say
-    `__main__.py`); jsonargparse builds the parser of `--model.help X` as another instance of this class. A bad
-    option is one line — the option, what it takes, the value given — not the whole usage text (that stays under
-    `--help`), exit code 2 as before."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("prog", _prog())
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str, ex: Exception | None = None):
-        from jsonargparse._common import debug_mode_active
-
-        if not self.exit_on_error or debug_mode_active():
-            return super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {config_error_sentence(message)}; `{prog} --help` lists every option.\n")
-        sys.exit(2)
 
 
 class SalsaCLI(LightningCLI):
@@ -249,7 +164,7 @@ class SalsaCLI(LightningCLI):
             sub = SalsaParser(description=cmd.help)
             sub.add_argument("--config", action="config")
             sub.add_class_arguments(cmd.load(cmd.config), fail_untyped=True, sub_configs=True)
-            _bare_bool_flags(sub, cmd.load(cmd.config))
+            bare_bool_flags(sub, cmd.load(cmd.config))
             self._subcommand_parsers[name] = sub
             group.add_subcommand(name, sub, help=cmd.help)
 
@@ -271,25 +186,15 @@ class SalsaCLI(LightningCLI):
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if sub and sub not in EXTRA_COMMANDS:
-            _check_ckpt_path(ckpt_path)  # missing, no checkpoint, or a pickle that runs code: one sentence first
+            check_ckpt_path(ckpt_path)  # missing, no checkpoint, or a pickle that runs code: one sentence first
         args = self._given_args
         if not ckpt_path or not Path(ckpt_path).is_file() or not isinstance(args, list) or sub not in args:
             return  # nothing to merge (a sharded checkpoint directory holds no hyper-parameters); or args as a dict
-        import torch
-
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
-        class_path = hparams.get("_class_path")
-        if class_path is None:
+        model_arg = checkpoint_model_arg(ckpt_path, self.config[sub].get("model"))
+        if model_arg is None:
             return
-        given = self.config[sub].get("model")
-        if given is not None and given.get("class_path") != class_path:
-            raise SalsaError(
-                f"The checkpoint {ckpt_path} was written by {class_path}, but --model is {given.class_path}; resume "
-                "it with the checkpoint's model, or start a new run without --ckpt_path."
-            )
-        saved = {"class_path": class_path, "init_args": {k: v for k, v in hparams.items() if not k.startswith("_")}}
         at = args.index(sub) + 1
-        self.config = self.parser.parse_args([*args[:at], f"--model={json.dumps(saved)}", *args[at:]])
+        self.config = self.parser.parse_args([*args[:at], model_arg, *args[at:]])
 
     def instantiate_classes(self) -> None:
         if self.subcommand not in EXTRA_COMMANDS:
@@ -314,35 +219,8 @@ _OPTIM_INSTEAD = (
 )
 
 
-def _check_ckpt_path(ckpt_path: str | None) -> None:
-    """A `--ckpt_path` that is missing, no checkpoint, or a pickle that would run code: one sentence before any model
-    is loaded (Lightning would fail after loading them, with a raw error). Lightning's named ones pass through."""
-    if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc", "registry"):
-        return
-    from salsa_lightning.checkpoints import load_checkpoint
-
-    try:
-        load_checkpoint(ckpt_path)  # the safe reader `export` uses (weights_only, tensors memory-mapped)
-    except SalsaError as err:
-        raise SalsaError(f"--ckpt_path: {err}") from err
-
-
-def _bare_bool_flags(parser: LightningArgumentParser, cls: type) -> None:
-    """Let a boolean field be given as a bare flag (`--overwrite`), as in most CLIs, besides `--overwrite true`."""
-    booleans = {name for name, hint in typing.get_type_hints(cls).items() if hint is bool}
-    for action in parser._actions:
-        if action.dest in booleans:
-            action.nargs, action.const = "?", True
-
-
 def _tokenizer_of(model: Any) -> Any:
     return getattr(model, "tokenizer", None)
-
-
-def _prog() -> str:
-    """`salsa-lightning` when run as the installed script, else the README's `python -m salsa_lightning`."""
-    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return name if name.startswith("salsa") else "python -m salsa_lightning"
 
 
 def _hide_lightning_tips() -> None:
@@ -358,43 +236,8 @@ class _NoTips(logging.Filter):
         return not str(record.msg).startswith("💡 Tip:")
 
 
-def _keep_nested_nulls() -> None:
-    """Let `--model.ppo.missing_eos_penalty=null` switch an Optional field nested in a spec off, as YAML can.
-
-    jsonargparse (4.53) hands an option nested below a class (`--model.X.Y`) on to that class's parser as the text
-    `f"--{key}={value}"` of a value it has already parsed, so YAML's `null` arrives there as the string 'None',
-    which no Optional type accepts. We give such a value back as `null` before it is re-parsed."""
-    from jsonargparse import Namespace, _typehints
-
-    original = getattr(_typehints, "adapt_class_type", None)
-    needed = (getattr(_typehints, "NestedArg", None), getattr(_typehints, "subclass_spec_as_namespace", None))
-    if original is None or None in needed or getattr(original, "keeps_nested_nulls", False):
-        return  # another jsonargparse layout (tests/test_cli.py says whether it still needs this) or done already
-
-    @functools.wraps(original)
-    def adapt_class_type(value, *args, **kwargs):
-        value = _typehints.subclass_spec_as_namespace(value)  # what `original` does first (idempotent)
-        init_args = value.get("init_args") if isinstance(value, Namespace) else None
-        if isinstance(init_args, _typehints.NestedArg) and init_args.val is None:
-            value["init_args"] = init_args._replace(val="null")
-        return original(value, *args, **kwargs)
-
-    adapt_class_type.keeps_nested_nulls = True
-    _typehints.adapt_class_type = adapt_class_type
-
-
 def _has_omegaconf() -> bool:
     return importlib.util.find_spec("omegaconf") is not None
-
-
-def _enable_attribute_docstrings() -> None:
-    # dataclass field docstrings (a string under each field) become `--help` text
-    try:
-        from jsonargparse import set_parsing_settings
-
-        set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    except (ImportError, TypeError):  # older jsonargparse: help text without field docs
-        pass
 
 
 def cli_main(args: list[str] | None = None, **kwargs: Any) -> SalsaCLI:
@@ -402,8 +245,8 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> SalsaCLI:
 
     A `SalsaError` (a problem the user can fix) propagates; `main()` turns it into one line and exit 2.
     """
-    _enable_attribute_docstrings()
-    _keep_nested_nulls()
+    enable_attribute_docstrings()
+    keep_nested_nulls()
     return SalsaCLI(args=args, **kwargs)
 
 

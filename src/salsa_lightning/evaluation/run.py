@@ -55,7 +55,7 @@ from salsa_lightning.stage import (
     write_manifest,
 )
 
-# what this module defined before its parts moved out, still importable from here
+# the public names, those that moved to checks, responses and splits still importable from here
 __all__ = ["ALPACA_EVAL_DIR", "Responses", "SplitPrompts", "check_generation_settings", "run_evaluate"]
 
 
