@@ -18,7 +18,7 @@ from landscape_helpers import GEN, direct_scores, save_lora_seed, save_reward_mo
 from salsa_lightning.cli import cli_main
 from salsa_lightning.data.tasks import TaskSuiteConfig, build_task_suite
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.landscape import run as landscape_run
+from salsa_lightning.landscape import points as points_module
 from salsa_lightning.landscape.config import LandscapeConfig, LineGrid, PlaneGrid
 from salsa_lightning.landscape.grid import (
     VERTICES,
@@ -216,7 +216,7 @@ def test_rerun_reuses_the_cache_and_generates_nothing(landscape, inputs, monkeyp
     def no_generation(*args, **kwargs):
         raise AssertionError("a cached point was generated again")
 
-    monkeypatch.setattr(landscape_run, "generate_responses", no_generation)
+    monkeypatch.setattr(points_module, "generate_responses", no_generation)
     second = run_landscape(config(inputs, kind, out, overwrite=True), quiet=True)
     manifest = read_manifest(out)
     assert (manifest["generated_points"], manifest["reused_points"]) == (0, 22)

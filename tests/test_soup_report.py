@@ -16,7 +16,7 @@ from landscape_helpers import GEN, direct_scores, save_lora_seed, save_reward_mo
 from salsa_lightning.cli import cli_main, main
 from salsa_lightning.data.tasks import TaskSuiteConfig, build_task_suite
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.landscape import run as landscape_run
+from salsa_lightning.landscape import points as points_module
 from salsa_lightning.soup.config import SoupConfig, SoupReport
 from salsa_lightning.soup.run import run_soup
 from salsa_lightning.stage import read_manifest
@@ -122,7 +122,7 @@ def test_without_report_the_soup_is_as_before(inputs, tmp_path, monkeypatch, cap
     def no_generation(*args, **kwargs):
         raise AssertionError("a soup without `report` generated")
 
-    monkeypatch.setattr(landscape_run, "generate_responses", no_generation)
+    monkeypatch.setattr(points_module, "generate_responses", no_generation)
     manifest = run_soup(SoupConfig(inputs=inputs["full"], output_dir=str(tmp_path / "soup")))
     printed = capsys.readouterr().out
     assert "soup ->" in printed and "Soup report" not in printed and "KL" not in printed

@@ -4,6 +4,7 @@
 
 - `grid`: the α line and the barycentric plane as pure functions, with their validation;
 - `models`: one in-memory model set to any soup of the seeds through the soup API (full weights or LoRA);
+- `points`: one point's responses, KL to its references, reward and gold score, from that one model;
 - `report`: per-point records, the soup report, CSV/Markdown/Rich tables, the line plot and the plane heat map;
 - `run`: `run_landscape(LandscapeConfig)`, the stage itself.
 """

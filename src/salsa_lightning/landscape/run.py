@@ -14,61 +14,28 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
 import yaml
 from rich.console import Console
 
 from salsa_lightning import __version__
-from salsa_lightning.data import judge as gold
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluation.checks import check_generation_settings
-from salsa_lightning.evaluation.generation import encode_prompts, generate_responses, response_logprobs
-from salsa_lightning.evaluation.kl import sequence_kl
-from salsa_lightning.evaluation.runtime import default_device, model_signature, progress_bar, release_memory
+from salsa_lightning.evaluation.generation import encode_prompts
+from salsa_lightning.evaluation.runtime import default_device, model_signature
 from salsa_lightning.evaluation.splits import load_split
 from salsa_lightning.landscape import report
 from salsa_lightning.landscape.config import LandscapeConfig
-from salsa_lightning.landscape.grid import Point, landscape_points, point_key
-from salsa_lightning.landscape.models import soup_model
+from salsa_lightning.landscape.grid import Point, landscape_points
+from salsa_lightning.landscape.points import PointRun, generate_points, references, score_points
 from salsa_lightning.models.loading import canonical_model_ref, load_tokenizer, resolve_model_path
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.stage import CONFIG_NAME, MANIFEST_NAME, atomic_output_dir, check_output_dir, write_manifest
 
 RESPONSES = "responses"  # one JSON per point, named by its cache key
-
-
-@dataclass
-class PointRun:
-    """One point's responses and per-prompt numbers."""
-
-    point: Point
-    key: str
-    texts: list[str] = field(default_factory=list)
-    token_ids: list[list[int]] = field(default_factory=list)
-    finished: list[bool] = field(default_factory=list)
-    kl: dict[str, list[float]] = field(default_factory=dict)
-    """reference label (`seed1`, `soup`, …) -> per-prompt Σ_t log π_point - log π_ref on the point's responses."""
-    reused: bool = False
-    logp: list[torch.Tensor] | None = None
-    gold: list[float] | None = None
-    reward: list[float] | None = None
-
-
-def references(point: Point, n: int) -> list[str]:
-    """The KL references a point is measured against: seed 1 and the soup; the soup also against every seed."""
-    return ["seed1", "soup"] + ([f"seed{i + 1}" for i in range(1, n)] if point.label == "soup" else [])
-
-
-def reference_weights(label: str, n: int) -> tuple[float, ...]:
-    if label == "soup":
-        return point_key([1.0 / n] * n)
-    i = int(label.removeprefix("seed")) - 1
-    return point_key([1.0 if j == i else 0.0 for j in range(n)])
 
 
 def validate_judging(cfg: LandscapeConfig) -> None:
@@ -168,62 +135,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------- model work
-def generate_points(
-    cfg: LandscapeConfig, runs: list[PointRun], prompt_ids, tokenizer, console: Console, soup_weights=None
-) -> None:
-    """Responses and own log-probs of every point in `runs`, then their KL to each reference it needs (`references`),
-    all from one in-memory model of `cfg.seeds`. The reference `soup` is the uniform soup unless `soup_weights`."""
-    n = len(cfg.seeds)
-    ref_weights = {f"seed{i + 1}": reference_weights(f"seed{i + 1}", n) for i in range(n)}
-    ref_weights["soup"] = tuple(soup_weights) if soup_weights is not None else reference_weights("soup", n)
-    with console.status(f"loading the seeds {', '.join(cfg.seeds)}"):
-        soup = soup_model(cfg.seeds, cfg.dtype, default_device(), cfg.extrapolate)
-    pad = tokenizer.pad_token_id
-    with progress_bar(console) as progress:
-        task = progress.add_task("points", total=len(runs))
-        for run in runs:
-            soup.set_weights(run.point.weights)
-            with torch.random.fork_rng(devices=[]):  # each point's samples independent of which ran before
-                torch.manual_seed(cfg.seed)
-                generated = generate_responses(soup.model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.batch_size,
-                                               cfg.do_sample, cfg.temperature)  # fmt: skip
-            run.texts = [g.text for g in generated]
-            run.token_ids = [g.token_ids for g in generated]
-            run.finished = [g.finished for g in generated]
-            run.logp = response_logprobs(soup.model, prompt_ids, run.token_ids, cfg.batch_size, pad)
-            progress.advance(task)
-        labels = list(dict.fromkeys(ref for run in runs for ref in references(run.point, n)))
-        task = progress.add_task("KL references", total=len(labels))
-        for label in labels:
-            soup.set_weights(ref_weights[label])
-            for run in runs:
-                if label in references(run.point, n):
-                    ref_logp = response_logprobs(soup.model, prompt_ids, run.token_ids, cfg.batch_size, pad)
-                    run.kl[label] = sequence_kl(run.logp, ref_logp).tolist()
-            progress.advance(task)
-    del soup
-    release_memory()
-
-
-def score_points(cfg: LandscapeConfig, prompts, runs: list[PointRun], console: Console) -> None:
-    """Each run's per-prompt reward (when `cfg.reward_model` is set) and gold score (when `gold` is a judge)."""
-    if cfg.reward_model:
-        from salsa_lightning.reward.scoring import RewardScorer
-
-        with console.status(f"scoring with the reward model {cfg.reward_model}"):
-            scorer = RewardScorer.from_output(
-                cfg.reward_model, dtype=cfg.dtype, device=default_device(), batch_size=cfg.batch_size
-            )
-            for run in runs:
-                run.reward = scorer.score(prompts.messages, run.texts).tolist()
-        del scorer
-        release_memory()
-    if "gold" in cfg.judges:
-        for run in runs:
-            run.gold = [gold.score(p, r) for p, r in zip(prompts.texts, run.texts, strict=True)]
 
 
 def load_eval_prompts(eval_file: str, limit: int | None, need_gold: bool):

@@ -3,8 +3,9 @@ reward with bootstrap 95% intervals, KL(soup ‖ seed) and KL(seed ‖ soup) —
 
 It is the landscape at its labelled points and nothing else: the seeds are the vertices (one-hot weights), the soup
 the point at the soup's weights; one in-memory model set to each in turn through the soup API
-(`landscape.models`), generated from, judged and measured by the landscape's own functions (`landscape.run`), and
-tabulated by `landscape.report`. So a landscape's soup report and this one are the same numbers for the same seeds.
+(`landscape.models`), generated from, judged and measured by the landscape's own functions (`landscape.points`; the
+settings checked and the prompts loaded by `landscape.run`'s), and tabulated by `landscape.report`. So a landscape's
+soup report and this one are the same numbers for the same seeds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from salsa_lightning.evaluation.generation import encode_prompts
 from salsa_lightning.landscape import report as tables
 from salsa_lightning.landscape.config import LandscapeConfig
 from salsa_lightning.landscape.grid import Point
-from salsa_lightning.landscape.run import PointRun, generate_points, load_eval_prompts, score_points, validate_judging
+from salsa_lightning.landscape.points import PointRun, generate_points, score_points
+from salsa_lightning.landscape.run import load_eval_prompts, validate_judging
 from salsa_lightning.models.loading import canonical_model_ref, load_tokenizer
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.soup.config import SoupConfig
