@@ -4,6 +4,8 @@ Full-weight seeds: the seeds' state dicts stay on the CPU and each point loads `
 sum, paper eq. 3) into one model. LoRA seeds: one base carries one adapter slot that each point fills with the
 exact cat soup `soup_lora_adapters` (DESIGN §2); every point is the soup of ALL seeds (zero weights included),
 so the slot keeps one rank pattern and the base is never reloaded. Nothing is written to disk per point.
+The soup functions are imported from `soup.full` and `soup.lora`, not the `soup.api` facade: that also exports the
+stage, whose soup report imports this module.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import adapter_base, load_causal_lm, resolve_model_path
 from salsa_lightning.models.spec import ModelSpec
-from salsa_lightning.soup.api import load_lora_adapter, soup_lora_adapters, soup_state_dicts
+from salsa_lightning.soup.full import soup_state_dicts
 from salsa_lightning.soup.inputs import describe_inputs
+from salsa_lightning.soup.lora import load_lora_adapter, soup_lora_adapters
 
 ADAPTER = "landscape"
 
