@@ -31,7 +31,7 @@ from salsa_lightning.ppo.anchors import check_roles, check_tokenizers, plan_anch
 from salsa_lightning.ppo.build import build_stack
 from salsa_lightning.ppo.callbacks import KLHackCallback, log_samples
 from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec
-from salsa_lightning.ppo.losses import minibatch_loss
+from salsa_lightning.ppo.losses import minibatch_losses
 from salsa_lightning.ppo.rollout import RewardSource, Rollout, collect_rollout
 from salsa_lightning.ppo.schedule import schedule_length
 from salsa_lightning.stage import check_output_dir
@@ -183,13 +183,16 @@ class PPOModule(L.LightningModule):
         for _ in range(self.ppo.ppo_epochs):
             order = torch.randperm(B, device=roll.ids.device)
             for start in range(0, B, mb):
-                loss, stats = minibatch_loss(
-                    self.stack, roll.rows(order[start : start + mb]), self.ppo, self.gen, roll.kl_coef
-                )
                 opt.zero_grad()
-                if any_rank(not torch.isfinite(loss), self.device):
-                    return logs, planned
-                self.manual_backward(loss)
+                # the policy's part, then the critic's: each backward frees its graph before the next forward
+                parts = minibatch_losses(self.stack, roll.rows(order[start : start + mb]), self.ppo, self.gen,
+                                         roll.kl_coef)  # fmt: skip
+                for loss, part_stats in parts:
+                    if any_rank(not torch.isfinite(loss), self.device):
+                        opt.zero_grad()  # a part already back-propagated leaves no gradient behind
+                        return logs, planned
+                    self.manual_backward(loss)
+                    stats = part_stats  # the last part's hold every statistic
                 self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 logs.append(stats)
