@@ -399,6 +399,9 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> SalsaCLI:
 
     A `SalsaError` (a problem the user can fix) propagates; `main()` turns it into one line and exit 2.
     """
+    from salsa_lightning.allocator import pin_mmap_threshold
+
+    pin_mmap_threshold()  # freed activations go back to the OS instead of staying resident (see allocator.py)
     _enable_attribute_docstrings()
     _keep_nested_nulls()
     return SalsaCLI(args=args, **kwargs)
