@@ -55,7 +55,8 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
         ]
         return torch.stack(rows)  # (B, T)
     chosen = logits.gather(-1, idx).squeeze(-1)  # (B, T)
-    return chosen - torch.logsumexp(logits, dim=-1)
+    # one sequence at a time: logsumexp's exp(z - max) temporary is (T, V), not (B, T, V); the same numbers
+    return chosen - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (B, T)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
