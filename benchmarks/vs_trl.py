@@ -4,6 +4,7 @@
     python benchmarks/vs_trl.py --runs 3   # one more run of each (finished runs are kept and not rerun)
     python benchmarks/vs_trl.py --quick    # the tiny test model, 1 run, 1 warm-up + 1 timed update: checks the script
     python benchmarks/vs_trl.py --fresh    # forget the stored runs of this configuration first
+    python benchmarks/vs_trl.py --systems ours-lora --src /tmp/old/src --tag -old   # A/B: ours from other sources
 
 Settings (both systems): batch 8 prompts, exactly 32 new tokens (ours: min_new_tokens = max_new_tokens; TRL: no stop
 token, so it always generates `response_length`), 1 PPO epoch, 1 minibatch of 8, β 0.05 (k1 in the reward), lr 3e-6
@@ -11,7 +12,8 @@ token, so it always generates `response_length`), 1 PPO epoch, 1 minibatch of 8,
 Models: the policy is the base model itself (ours, LoRA layout: a rank-16 all-linear adapter with B = 0, the same
 function); the reward model and the critic are the base with a seeded linear head (LoRA layout: a rank-16 adapter
 with B = 0 and the same head). TRL holds 4 fp32 models (policy, reference copy, reward, value); our full layout the
-same 4; our LoRA layout one base with adapters.
+same 4; our LoRA layout one base with adapters; `ours-lora-gc` is the LoRA layout with `model.gradient_checkpointing`
+(recomputes each layer in the backward pass: less memory, more time; TRL's runs do not checkpoint).
 
 Each run is a fresh subprocess (so its peak RSS is its own), and runs alternate between systems (TRL, ours full,
 ours LoRA, TRL, ...) so that a machine whose speed drifts over the hour drifts for all alike. s/update is wall time
@@ -50,8 +52,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "vs_trl"
 EMBEDDED = "embedded:smollm2-135m-instruct"
 
 BATCH, NEW_TOKENS, BETA, LR, TEMPERATURE, LORA_R = 8, 32, 0.05, 3e-6, 1.0, 16
-SYSTEMS = ("trl", "ours-full", "ours-lora")
-LABELS = {"trl": "TRL 1.12 PPOTrainer", "ours-full": "ours, full layout", "ours-lora": f"ours, LoRA layout (r{LORA_R})"}
+SYSTEMS = ("trl", "ours-full", "ours-lora", "ours-lora-gc")
+LABELS = {"trl": "TRL 1.12 PPOTrainer", "ours-full": "ours, full layout", "ours-lora": f"ours, LoRA layout (r{LORA_R})",
+          "ours-lora-gc": f"ours, LoRA (r{LORA_R}) + grad. checkpointing"}  # fmt: skip
 
 
 def peak_rss_mib() -> float:
@@ -134,7 +137,7 @@ class UpdateClock(Callback):
         UpdateClock.ends.append(time.perf_counter())
 
 
-def ours_args(paths: dict[str, str], layout: str, updates: int) -> list[str]:
+def ours_args(paths: dict[str, str], layout: str, updates: int, checkpointing: bool = False) -> list[str]:
     """Our CLI's arguments for the settings in the module docstring."""
     policy, reward = (paths["base"], paths["rm_full"]) if layout == "full" else (paths["sft_lora"], paths["rm_lora"])
     return [
@@ -151,13 +154,15 @@ def ours_args(paths: dict[str, str], layout: str, updates: int) -> list[str]:
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.logger=false",
         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--trainer.callbacks+=vs_trl.UpdateClock", "--seed_everything=0",
+        *(["--model.model.gradient_checkpointing=true"] if checkpointing else []),
     ]  # fmt: skip
 
 
-def run_ours(paths: dict[str, str], layout: str, updates: int) -> dict:
+def run_ours(paths: dict[str, str], system: str, updates: int) -> dict:
     from salsa_lightning.cli import cli_main
 
-    cli = cli_main(ours_args(paths, layout, updates))
+    layout = "full" if system == "ours-full" else "lora"
+    cli = cli_main(ours_args(paths, layout, updates, checkpointing=system.endswith("-gc")))
     import vs_trl  # the CLI instantiated the callback from the module `vs_trl`, not from this `__main__`
 
     hist = cli.model.history
@@ -221,7 +226,7 @@ def child(system: str, paths_file: str, updates: int, out: str) -> None:
     """One run, in its own process: writes its numbers to `out`."""
     paths = json.loads(Path(paths_file).read_text())
     t0 = time.perf_counter()
-    result = run_trl(paths, updates) if system == "trl" else run_ours(paths, system.removeprefix("ours-"), updates)
+    result = run_trl(paths, updates) if system == "trl" else run_ours(paths, system, updates)
     ends = result.pop("update_ends")
     if len(ends) != updates:
         raise SystemExit(f"{system}: expected {updates} updates, the clock saw {len(ends)}")
@@ -285,6 +290,13 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=None, help="updates per run, the first untimed (default 5)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--fresh", action="store_true", help="drop this configuration's stored runs first")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        default=ROOT / "src",
+        help="the salsa_lightning sources ours runs from (e.g. a checkout of an older commit)",
+    )
+    parser.add_argument("--tag", default="", help="appended to the results folder name (e.g. to keep A/B runs apart)")
     parser.add_argument("--child", nargs=4, metavar=("SYSTEM", "PATHS", "UPDATES", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -296,16 +308,17 @@ def main() -> None:
     updates = args.updates or (2 if args.quick else 5)
     if updates < 2:
         parser.error("--updates must be >= 2 (the first one is a warm-up)")
-    config = f"{model.replace('embedded:', '').replace('/', '_')}-b{BATCH}-t{NEW_TOKENS}-u{updates}"
+    config = f"{model.replace('embedded:', '').replace('/', '_')}-b{BATCH}-t{NEW_TOKENS}-u{updates}{args.tag}"
     out_dir = RESULTS / config
     if args.fresh:
         shutil.rmtree(out_dir / "runs", ignore_errors=True)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    paths_file = out_dir / "inputs" / "inputs.json"
-    build_inputs(model, out_dir / "inputs", n_prompts=BATCH * updates)
+    inputs = RESULTS / config.removesuffix(args.tag) / "inputs"  # A/B tags share the models
+    paths_file = inputs / "inputs.json"
+    build_inputs(model, inputs, n_prompts=BATCH * updates)
     pythons = {s: (trl_python() if s == "trl" else Path(sys.executable)) for s in args.systems}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+           "PYTHONPATH": os.pathsep.join([str(args.src.resolve()), str(ROOT / "benchmarks")])}  # fmt: skip
     load_start = os.getloadavg()
     for i in range(1, runs + 1):  # alternate: TRL, ours full, ours LoRA, TRL, ...
         for system in args.systems:
@@ -335,7 +348,7 @@ def main() -> None:
         f"{load_start[0]:.1f}); a load above the thread count means another process shared the CPUs",
         "s/update: wall time between update ends (after the warm-up), each run's mean, min-max over runs;",
         "samples/s vs TRL: TRL's mean s/update / this system's (> 1 = faster); RSS vs TRL: peak RSS / TRL's (< 1 = less).",
-        f"runs stored in {out_dir.relative_to(ROOT)}/runs (rerun with --runs N to add, --fresh to redo)",
+        f"ours from {args.src}; runs stored in {out_dir.relative_to(ROOT)}/runs (--runs N adds, --fresh redoes)",
     ]
     text = print_table(rows, title, notes)
     (out_dir / "table.md").write_text(text + "\n")
