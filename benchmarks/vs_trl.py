@@ -4,7 +4,7 @@
     python benchmarks/vs_trl.py --runs 3   # one more run of each (finished runs are kept and not rerun)
     python benchmarks/vs_trl.py --quick    # the tiny test model, 1 run, 1 warm-up + 1 timed update: checks the script
     python benchmarks/vs_trl.py --fresh    # forget the stored runs of this configuration first
-    python benchmarks/vs_trl.py --systems ours-lora --src /tmp/old/src --tag -old   # A/B: ours from other sources
+    python benchmarks/vs_trl.py --systems ours-lora --src /tmp/old/src --tag=-old   # A/B: ours from other sources
 
 Settings (both systems): batch 8 prompts, exactly 32 new tokens (ours: min_new_tokens = max_new_tokens; TRL: no stop
 token, so it always generates `response_length`), 1 PPO epoch, 1 minibatch of 8, β 0.05 (k1 in the reward), lr 3e-6

@@ -401,7 +401,7 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> SalsaCLI:
     """
     from salsa_lightning.allocator import pin_mmap_threshold
 
-    pin_mmap_threshold()  # freed activations go back to the OS instead of staying resident (see allocator.py)
+    pin_mmap_threshold()  # only with SALSA_MMAP_THRESHOLD set (see allocator.py)
     _enable_attribute_docstrings()
     _keep_nested_nulls()
     return SalsaCLI(args=args, **kwargs)

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from salsa_lightning import rl
+from salsa_lightning.allocator import release_freed_memory
 from salsa_lightning.distributed import FSDPSpec, any_rank, mean_over_ranks, uses_fsdp2, world_size
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import load_tokenizer
@@ -148,6 +149,7 @@ class PPOModule(L.LightningModule):
             self.rollouts_done += 1
             roll = collect_rollout(self.stack, batch, self.tokenizer, self.gen, self.ppo, self.plan, self.rewards,
                                    self.kl_ctl.value)  # fmt: skip
+            release_freed_memory()  # what generation freed is not kept resident beside the update's graphs
             if any_rank(not roll.finite(), self.device):
                 return self._nonfinite("Skipped a PPO update: NaN/inf in the rollout")
             t0 = time.perf_counter()
@@ -172,6 +174,7 @@ class PPOModule(L.LightningModule):
             return self._log_update(metrics, roll)
         finally:
             self.lr_schedulers().step()  # once per rollout, whatever the update did: it spans the run's rollouts
+            release_freed_memory()  # nor the update's freed graphs beside the next rollout
 
     def _optimize(self, roll: Rollout) -> tuple[list[dict[str, torch.Tensor]], int]:
         """`ppo_epochs` passes of clipped minibatch updates (CleanRL's update phase). A minibatch whose loss is not
