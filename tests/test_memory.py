@@ -56,3 +56,25 @@ def test_estimates_match_measurement_on_a_tiny_model():
         # 4-bit statistics are stored in blocks the estimator averages over; the tiny layers are few blocks each
         assert mib["frozen_weights"]["ratio"] == pytest.approx(1.0, abs=0.01 if row["layout"] == "full" else 0.1)
         assert mib["saved_for_backward"]["ratio"] == pytest.approx(1.0, abs=0.25), row["layout"]
+
+
+def test_the_mmap_threshold_is_pinned_unless_turned_off_or_set_by_the_user(monkeypatch):
+    import platform
+
+    from salsa_lightning.allocator import pin_mmap_threshold
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert pin_mmap_threshold(0) is False
+    monkeypatch.setenv("SALSA_MMAP_THRESHOLD", "0")
+    assert pin_mmap_threshold() is False
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert pin_mmap_threshold(128 << 10) is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own setting wins
+    assert pin_mmap_threshold(128 << 10) is False
+
+
+def test_release_freed_memory_is_safe_to_call_anywhere():
+    from salsa_lightning.allocator import release_freed_memory
+
+    assert isinstance(release_freed_memory(), bool)  # False off glibc; never raises

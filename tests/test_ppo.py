@@ -414,6 +414,79 @@ def test_each_estimators_loss_falls_on_its_rollout(pipeline, layout, estimator):
     assert ("loss/kl_avg" in stats) == (estimator == "grpo") and ("loss/value_avg" in stats) == (estimator == "gae")
 
 
+@pytest.mark.parametrize("layout", ["lora", "full"])
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+def test_backpropagating_policy_and_critic_apart_gives_the_joint_gradients(pipeline, layout, kl_in):
+    # the update back-propagates the policy's part, then the critic's (one graph alive at a time): the gradients
+    # must be those of one backward through the summed loss, bit for bit
+    from helpers import shorter_is_better
+
+    from salsa_lightning.data.prompts import PromptDataModule
+    from salsa_lightning.models.loading import load_tokenizer
+    from salsa_lightning.ppo.anchors import plan_anchors
+    from salsa_lightning.ppo.build import build_stack
+    from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
+    from salsa_lightning.ppo.losses import minibatch_loss, minibatch_losses
+    from salsa_lightning.ppo.rollout import RewardSource, collect_rollout
+
+    torch.manual_seed(0)
+    ppo, gen = PPOSpec(kl_in=kl_in), GenerationSpec(max_new_tokens=8)
+    tok = load_tokenizer(str(pipeline / "sft1"), padding_side="left")
+    dm = PromptDataModule(str(pipeline / "prompts.jsonl"), tok, batch_size=4)
+    dm.setup()
+    plan = plan_anchors(str(pipeline / "sft1"), "init")
+    stack = build_stack(layout, ModelSpec(dtype="float32"), plan.policy_init, plan.paths, str(pipeline / "rm"), "copy")
+    batch = next(iter(dm.train_dataloader()))
+    roll = collect_rollout(stack, batch, tok, gen, ppo, plan, RewardSource(reward_fn=shorter_is_better), 0.05)
+    rows = roll.rows(torch.arange(4))
+    params = [p for p in stack.parameters() if p.requires_grad]
+
+    def grads():
+        out = [p.grad.clone() if p.grad is not None else None for p in params]
+        stack.zero_grad(set_to_none=True)
+        return out
+
+    loss, joint_stats = minibatch_loss(stack, rows, ppo, gen, roll.kl_coef)
+    loss.backward()
+    joint = grads()
+    for part, part_stats in minibatch_losses(stack, rows, ppo, gen, roll.kl_coef):  # backward before the next part
+        part.backward()
+        stats = part_stats
+    apart = grads()
+    assert any(g is not None and g.abs().sum() > 0 for g in joint)
+    for a, b in zip(joint, apart, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert stats.keys() == joint_stats.keys() and all(torch.equal(stats[k], joint_stats[k]) for k in stats)
+
+
+@pytest.mark.parametrize("layout", ["lora", "full"])
+def test_gradient_checkpointing_works_in_eval_mode_and_changes_no_number(pipeline, layout):
+    # PPO keeps its models in eval mode, where transformers skips checkpointing unless the stack marks the layers
+    common = ("--trainer.max_steps=4", f"--model.layout={layout}")
+    plain = run(pipeline, *common)
+    ckpt = run(pipeline, *common, "--model.model.gradient_checkpointing=true")
+    assert_same_curves(curves(plain), curves(ckpt), rel=0)
+    stack = ckpt.model.stack
+    saved = {"n": 0}
+
+    def pack(t):
+        saved["n"] += 1
+        return t
+
+    ids = torch.randint(3, 50, (2, 12))
+    mask, pos = torch.ones_like(ids), torch.arange(12).expand(2, 12)
+    counts = []
+    for on in (False, True):
+        for m in stack.modules():
+            if hasattr(m, "gradient_checkpointing") and isinstance(m.gradient_checkpointing, bool):
+                m.gradient_checkpointing = on
+        saved["n"] = 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            stack.logits("policy", ids, mask, pos).sum()
+        counts.append(saved["n"])
+    assert counts[1] < counts[0] / 3, counts  # only each layer's inputs are kept, not its activations
+
+
 def test_kl_in_the_loss_takes_it_out_of_the_reward(pipeline):
     common = ("--trainer.max_steps=4", "--model.anchor=soup", f"--model.soup={pipeline / 'soup'}")
     in_reward = run(pipeline, *common).model.history[0]

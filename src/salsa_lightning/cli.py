@@ -245,6 +245,9 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> SalsaCLI:
 
     A `SalsaError` (a problem the user can fix) propagates; `main()` turns it into one line and exit 2.
     """
+    from salsa_lightning.allocator import pin_mmap_threshold
+
+    pin_mmap_threshold()  # only with SALSA_MMAP_THRESHOLD set (see allocator.py)
     enable_attribute_docstrings()
     keep_nested_nulls()
     return SalsaCLI(args=args, **kwargs)

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from salsa_lightning import rl
+from salsa_lightning.allocator import release_freed_memory
 from salsa_lightning.distributed import FSDPSpec, any_rank, mean_over_ranks, uses_fsdp2, world_size
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import load_tokenizer
@@ -31,7 +32,7 @@ from salsa_lightning.ppo.anchors import check_roles, check_tokenizers, plan_anch
 from salsa_lightning.ppo.build import build_stack
 from salsa_lightning.ppo.callbacks import KLHackCallback, log_samples
 from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec
-from salsa_lightning.ppo.losses import minibatch_loss
+from salsa_lightning.ppo.losses import minibatch_losses
 from salsa_lightning.ppo.rollout import RewardSource, Rollout, collect_rollout
 from salsa_lightning.ppo.schedule import schedule_length
 from salsa_lightning.stage import check_output_dir
@@ -148,6 +149,7 @@ class PPOModule(L.LightningModule):
             self.rollouts_done += 1
             roll = collect_rollout(self.stack, batch, self.tokenizer, self.gen, self.ppo, self.plan, self.rewards,
                                    self.kl_ctl.value)  # fmt: skip
+            release_freed_memory()  # what generation freed is not kept resident beside the update's graphs
             if any_rank(not roll.finite(), self.device):
                 return self._nonfinite("Skipped a PPO update: NaN/inf in the rollout")
             t0 = time.perf_counter()
@@ -172,6 +174,7 @@ class PPOModule(L.LightningModule):
             return self._log_update(metrics, roll)
         finally:
             self.lr_schedulers().step()  # once per rollout, whatever the update did: it spans the run's rollouts
+            release_freed_memory()  # nor the update's freed graphs beside the next rollout
 
     def _optimize(self, roll: Rollout) -> tuple[list[dict[str, torch.Tensor]], int]:
         """`ppo_epochs` passes of clipped minibatch updates (CleanRL's update phase). A minibatch whose loss is not
@@ -183,13 +186,16 @@ class PPOModule(L.LightningModule):
         for _ in range(self.ppo.ppo_epochs):
             order = torch.randperm(B, device=roll.ids.device)
             for start in range(0, B, mb):
-                loss, stats = minibatch_loss(
-                    self.stack, roll.rows(order[start : start + mb]), self.ppo, self.gen, roll.kl_coef
-                )
                 opt.zero_grad()
-                if any_rank(not torch.isfinite(loss), self.device):
-                    return logs, planned
-                self.manual_backward(loss)
+                # the policy's part, then the critic's: each backward frees its graph before the next forward
+                parts = minibatch_losses(self.stack, roll.rows(order[start : start + mb]), self.ppo, self.gen,
+                                         roll.kl_coef)  # fmt: skip
+                for loss, part_stats in parts:
+                    if any_rank(not torch.isfinite(loss), self.device):
+                        opt.zero_grad()  # a part already back-propagated leaves no gradient behind
+                        return logs, planned
+                    self.manual_backward(loss)
+                    stats = part_stats  # the last part's hold every statistic
                 self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 logs.append(stats)

@@ -25,7 +25,7 @@ from salsa_lightning.models.loading import (
 )
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.ppo.anchors import InMemorySoup
-from salsa_lightning.ppo.stack import POLICY, _generation_context
+from salsa_lightning.ppo.stack import POLICY, _generation_context, checkpoint_in_eval_mode
 from salsa_lightning.reward.model import load_reward_model, sequence_scores, token_scores, unwrap
 from salsa_lightning.rl.sequences import position_ids_from_mask
 
@@ -76,9 +76,15 @@ class FullStack(nn.Module):
             self.value = self._reward_model(reward or policy_init, spec, pad).requires_grad_(True)
             if value_head == "reinit" or reward is None:
                 nn.init.zeros_(unwrap(self.value).score.weight)
-        if spec.gradient_checkpointing and sharding is not None:
+        if spec.gradient_checkpointing:  # (the unsharded policy has it from `load_causal_lm` already; idempotent)
             for model in (self.policy, *([self.value] if critic else [])):
                 enable_gradient_checkpointing(model)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for model in (self.policy, *([self.value] if hasattr(self, "value") else [])):
+            checkpoint_in_eval_mode(model)  # a no-op unless `gradient_checkpointing` is on
+        return self
 
     def _shards_directly(self, paths: list[str]) -> bool:
         return self.sharding is not None and not any(is_adapter_dir(resolve_model_path(p)) for p in paths)

@@ -22,6 +22,7 @@ from salsa_lightning.distributed import (
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import (
     adapter_base,
+    enable_gradient_checkpointing,
     is_adapter_dir,
     lora_config_like,
     resolve_model_path,
@@ -29,7 +30,7 @@ from salsa_lightning.models.loading import (
 from salsa_lightning.models.quantization import is_quantized
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.ppo.anchors import InMemorySoup
-from salsa_lightning.ppo.stack import POLICY, _generation_context, _hidden
+from salsa_lightning.ppo.stack import POLICY, _generation_context, _hidden, checkpoint_in_eval_mode
 from salsa_lightning.reward.model import unwrap
 from salsa_lightning.rl.sequences import gather_last, position_ids_from_mask
 
@@ -91,6 +92,8 @@ class LoraStack(nn.Module):
             base, resolve_model_path(policy_init), adapter_name="policy", is_trainable=True
         )
         self._record(POLICY, policy_init)
+        if spec.gradient_checkpointing and not is_quantized(spec):  # a 4-bit base got it from `prepare_quantized`
+            enable_gradient_checkpointing(self.model)
         for name, path in anchors.items():
             if isinstance(path, InMemorySoup):
                 self._add_soup_adapter(name, path)
@@ -114,6 +117,11 @@ class LoraStack(nn.Module):
             self.value_head.requires_grad_(True)
             self._trainable.add("value")
         self._set_flags()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        checkpoint_in_eval_mode(self.model)  # a no-op unless `gradient_checkpointing` is on
+        return self
 
     def _add_soup_adapter(self, name: str, soup: InMemorySoup) -> None:
         """The exact (cat) LoRA soup of the seeds' adapters, added beside the policy on the same base."""

@@ -64,6 +64,18 @@ def _hidden(model, ids, mask, pos) -> torch.Tensor:
     return module_output(model, _backbone(model), ids, mask, pos, logits_to_keep=1)[0]
 
 
+def checkpoint_in_eval_mode(model) -> None:
+    """transformers checkpoints a decoder layer only while the layer is in training mode, and PPO keeps every model in
+    eval mode (no dropout), so `gradient_checkpointing` would silently do nothing. Mark the checkpointed layers
+    themselves as training — not their submodules, so no dropout turns on; the layer's flag gates only the
+    checkpoint. Call it after every `eval()`/`train()` (the stacks' `train` does)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+            m.training = True
+
+
 def _generation_context(model, spec: FSDPSpec | None):
     """Sharded: keep the policy's layers gathered for the whole `generate` (see distributed.gathered)."""
     if spec is not None and spec.gather_for_generation:

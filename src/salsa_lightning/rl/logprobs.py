@@ -55,7 +55,8 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
         ]
         return torch.stack(rows)  # (B, T)
     chosen = logits.gather(-1, idx).squeeze(-1)  # (B, T)
-    return chosen - torch.logsumexp(logits, dim=-1)
+    # one sequence at a time: logsumexp's exp(z - max) temporary is (T, V), not (B, T, V); the same numbers
+    return chosen - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (B, T)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -63,11 +64,17 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 
     `logits`: (B, T, V); returns (B, T) (float32 for low-precision inputs). Average over real tokens
     with `masked_mean(entropy, mask)`; padded positions hold meaningless values.
+
+    Memory: one sequence at a time, so the softmax and its product with the logits are (T, V) temporaries, not two
+    more (B, T, V) tensors beside the logits (the same numbers: each position's sums do not depend on the batch).
     """
     _check_temperature(temperature)
     if temperature != 1.0:
-        logits = logits / temperature
-    if logits.dtype in _LOW_PRECISION:
-        return torch.stack([entropy_from_logits(row.float().unsqueeze(0))[0] for row in logits])
-    probs = torch.softmax(logits, dim=-1)  # (B, T, V)
+        logits = logits / temperature  # (B, T, V)
+    return torch.stack([_entropy(row.float() if row.dtype in _LOW_PRECISION else row) for row in logits])  # (B, T)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(T,) entropies of (T, V) logits."""
+    probs = torch.softmax(logits, dim=-1)  # (T, V)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
