@@ -96,6 +96,8 @@ class GoldCurve(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done = pl_module.updates_done
+        if outputs:  # one line per update: the run's progress bar is off so that the log stays readable
+            print(f"update {done}: train score {float(outputs.get('objective/scores', float('nan'))):.3f}", flush=True)
         if outputs and done % self.every == 0 and self.points[-1]["update"] != done:
             self._evaluate(pl_module)
 
