@@ -114,6 +114,23 @@ def ensure_quickstart(python: str, precision: str) -> None:
             subprocess.run([python, "-m", "salsa_lightning", *args, *extra], cwd=ROOT, check=True)
 
 
+def update_args(config: str, updates: int) -> list[str]:
+    """Trainer limits that give exactly `updates` rollouts: `limit_train_batches` caps each epoch, so a run longer than
+    one pass over the prompts (GAE's 16 prompts a rollout: 8 per epoch of the suite's 128) needs several epochs."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart" / f"{config}.yaml").read_text())
+    data = cfg["data"]["init_args"]
+    rows = sum(1 for line in (ROOT / data["data"]).read_text().splitlines() if line.strip())
+    per_epoch = rows // data["batch_size"]
+    epochs = -(-updates // per_epoch)
+    if updates % epochs:
+        raise SystemExit(
+            f"--updates {updates} is not a whole number of epochs of {per_epoch} rollouts; pick a multiple."
+        )
+    return [f"--trainer.limit_train_batches={updates // epochs}", f"--trainer.max_epochs={epochs}"]
+
+
 def run_arm(
     python: str, estimator: str, anchor: str, seed: int, updates: int, every: int, out: Path, precision: str
 ) -> dict:
@@ -125,7 +142,7 @@ def run_arm(
     evals = {"id": str(QS / "data" / "eval_id.jsonl"), "ood": str(QS / "data" / "eval_ood.jsonl")}
     cmd = [
         python, "-m", "salsa_lightning", "fit", "--config", f"configs/quickstart/{CONFIGS[(estimator, anchor)]}.yaml",
-        f"--seed_everything={seed}", f"--trainer.limit_train_batches={updates}", "--trainer.max_epochs=1",
+        f"--seed_everything={seed}", *update_args(CONFIGS[(estimator, anchor)], updates),
         f"--trainer.precision={precision}",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.sample_table_every=0",
         f"--model.output_dir={out / 'policy'}", "--model.overwrite=true",
@@ -170,15 +187,15 @@ def report(results: list[dict], out: Path) -> str:
         f"machine: {platform.machine()} {platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
         "",
-        "| arm | seed | split | gold before | gold after | gain [95% CI] | KL init | KL soup | s/update | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | seed | updates | split | gold before | gold after | gain [95% CI] | KL init | KL soup | s/update | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for split in ("id", "ood"):
             s = summarise(r, split)
             kl = [f"{r[k]:.2f}" if r[k] is not None else "—" for k in ("kl_init", "kl_soup")]
             lines.append(
-                f"| {r['estimator']}:{r['anchor']} | {r['seed']} | {split} | {s['before']:.3f} | {s['after']:.3f} | "
+                f"| {r['estimator']}:{r['anchor']} | {r['seed']} | {r['curve'][-1]['update']} | {split} | {s['before']:.3f} | {s['after']:.3f} | "
                 f"{s['gain']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}] | {kl[0]} | {kl[1]} | "
                 f"{r['s_per_update']:.1f} | {r['wall_s']:.0f} |"
             )
