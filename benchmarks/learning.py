@@ -114,7 +114,7 @@ def ensure_quickstart(python: str, precision: str) -> None:
             subprocess.run([python, "-m", "salsa_lightning", *args, *extra], cwd=ROOT, check=True)
 
 
-def update_args(config: str, updates: int) -> list[str]:
+def update_args(config: str, updates: int, extra: list[str] = ()) -> list[str]:
     """Trainer limits that give exactly `updates` rollouts: `limit_train_batches` caps each epoch, so a run longer than
     one pass over the prompts (GAE's 16 prompts a rollout: 8 per epoch of the suite's 128) needs several epochs."""
     import yaml
@@ -122,7 +122,12 @@ def update_args(config: str, updates: int) -> list[str]:
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart" / f"{config}.yaml").read_text())
     data = cfg["data"]["init_args"]
     rows = sum(1 for line in (ROOT / data["data"]).read_text().splitlines() if line.strip())
-    per_epoch = rows // data["batch_size"]
+    batch = data["batch_size"]
+    for arg in extra:  # an override of the prompt batch changes the rollouts per epoch
+        key, _, value = arg.partition("=")
+        if key in ("--data.batch_size", "--data.init_args.batch_size"):
+            batch = int(value)
+    per_epoch = rows // batch
     epochs = -(-updates // per_epoch)
     if updates % epochs:
         raise SystemExit(
@@ -132,7 +137,15 @@ def update_args(config: str, updates: int) -> list[str]:
 
 
 def run_arm(
-    python: str, estimator: str, anchor: str, seed: int, updates: int, every: int, out: Path, precision: str
+    python: str,
+    estimator: str,
+    anchor: str,
+    seed: int,
+    updates: int,
+    every: int,
+    out: Path,
+    precision: str,
+    extra: list[str] = (),
 ) -> dict:
     cached = out / "arm.json"
     if cached.exists():
@@ -142,13 +155,13 @@ def run_arm(
     evals = {"id": str(QS / "data" / "eval_id.jsonl"), "ood": str(QS / "data" / "eval_ood.jsonl")}
     cmd = [
         python, "-m", "salsa_lightning", "fit", "--config", f"configs/quickstart/{CONFIGS[(estimator, anchor)]}.yaml",
-        f"--seed_everything={seed}", *update_args(CONFIGS[(estimator, anchor)], updates),
+        f"--seed_everything={seed}", *update_args(CONFIGS[(estimator, anchor)], updates, extra),
         f"--trainer.precision={precision}",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.sample_table_every=0",
         f"--model.output_dir={out / 'policy'}", "--model.overwrite=true",
         "--trainer.callbacks+=learning.GoldCurve", f"--trainer.callbacks.path={out / 'curve.json'}",
         f"--trainer.callbacks.eval_files={json.dumps(evals)}", f"--trainer.callbacks.every={every}",
-        f"--trainer.callbacks.start_cache={out.parent / 'start.json'}",
+        f"--trainer.callbacks.start_cache={out.parent / 'start.json'}", *extra,
     ]  # fmt: skip
     print(f"== {out.name}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.perf_counter()
@@ -243,6 +256,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learning")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument(
+        "--extra", action="append", default=[], help="CLI overrides for every arm, e.g. --extra=--model.optim.lr=1e-4"
+    )
+    ap.add_argument("--tag", default="", help="suffix of the arms' result directories (for runs with --extra)")
+    ap.add_argument(
         "--precision", default=None, help="trainer.precision (default: bf16-mixed where fast, else 32-true)"
     )
     args = ap.parse_args()
@@ -254,8 +271,10 @@ def main() -> None:
     for arm in args.arms:
         estimator, anchor = arm.split(":")
         for seed in args.seeds:
-            out = args.out / f"{estimator}-{anchor}-s{seed}-u{args.updates}"
-            results.append(run_arm(args.python, estimator, anchor, seed, args.updates, args.eval_every, out, precision))
+            out = args.out / f"{estimator}-{anchor}-s{seed}-u{args.updates}{args.tag}"
+            results.append(
+                run_arm(args.python, estimator, anchor, seed, args.updates, args.eval_every, out, precision, args.extra)
+            )
     print(report(results, args.out))
 
 

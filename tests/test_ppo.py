@@ -562,3 +562,45 @@ def test_sample_tables_reach_wandb_offline_and_tensorboard(pipeline, tmp_path, m
     acc.Reload()
     texts = [t for tag in acc.Tags()["tensors"] if tag.startswith("samples") for t in acc.Tensors(tag)]
     assert len(texts) == 2 and "| prompt | response | score | kl |" in texts[0].tensor_proto.string_val[0].decode()
+
+
+def one_for_the_first_prompt(prompts: list, responses: list[str]) -> list[float]:
+    """Varies with the response for rows of the batch's first prompt only; every other prompt scores 0.5 whatever
+    the response, so its group is uninformative."""
+    first = prompts[0]
+    return [len(r) / 100 if p == first else 0.5 for p, r in zip(prompts, responses)]
+
+
+@pytest.mark.parametrize("layout", ["lora", "full"])
+def test_filter_groups_trains_on_the_informative_groups_only(pipeline, layout):
+    # 8 prompts x 2 samples a rollout, minibatch 4, 2 PPO epochs: unfiltered, 4 steps per epoch; filtered, only the
+    # first prompt's 2 rows are informative: 1 minibatch per epoch
+    args = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--model.ppo.advantage_estimator=grpo",
+            "--model.ppo.kl_in=loss", "--model.ppo.n_samples_per_prompt=2", f"--model.layout={layout}")  # fmt: skip
+    cli = run(pipeline, *args, "--model.ppo.filter_groups=true", reward=False,
+              reward_fn="test_ppo:one_for_the_first_prompt")  # fmt: skip
+    h = cli.model.history
+    assert [row["train/informative_fraction"] for row in h] == [pytest.approx(2 / 16)] * 2
+    assert cli.trainer.global_step == 2 * 2 * 1  # 2 rollouts x 2 epochs x 1 minibatch of the 2 informative rows
+    unfiltered = run(pipeline, *args, reward=False, reward_fn="test_ppo:one_for_the_first_prompt")
+    assert unfiltered.trainer.global_step == 2 * 2 * 4 and "train/informative_fraction" not in unfiltered.model.history[0]
+
+
+def test_filter_groups_with_no_informative_group_takes_no_step(pipeline):
+    cli = run(pipeline, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--model.layout=lora",
+              "--model.ppo.advantage_estimator=rloo", "--model.ppo.n_samples_per_prompt=2",
+              "--model.ppo.filter_groups=true", reward=False, reward_fn="test_ppo:constant_reward")  # fmt: skip
+    h = cli.model.history
+    assert len(h) == 2 and cli.trainer.global_step == 0 and cli.model.updates_done == 2
+    assert all(row["train/informative_fraction"] == 0 and "loss/policy_avg" not in row for row in h)
+    assert h[1]["objective/kl_init"] == 0  # the policy never moved
+
+
+def constant_reward(prompts: list, responses: list[str]) -> list[float]:
+    return [1.0] * len(responses)
+
+
+def test_filter_groups_needs_a_group_estimator(pipeline, capsys):
+    msg = run_fails(ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), "--model.ppo.filter_groups=true",
+                             reward=str(pipeline / "rm")), capsys)  # fmt: skip
+    assert "model.ppo.filter_groups" in msg and "grpo or rloo" in msg

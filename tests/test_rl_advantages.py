@@ -12,6 +12,7 @@ import torch
 from salsa_lightning.rl.advantages import (
     broadcast_to_tokens,
     group_advantages,
+    informative_groups,
     kl_loss,
     reinforce_pp_advantages,
     rloo_advantages,
@@ -285,3 +286,29 @@ def test_kl_loss_gradient_pushes_logp_toward_the_anchor():
     gap, moved = (ap - lp).abs(), (ap - stepped).abs()
     assert (moved[gap > 0] < gap[gap > 0]).all()  # every differing token got closer to the anchor
     assert kl_loss(stepped, ap, mask) < kl_loss(lp, ap, mask)
+
+
+# ---- informative groups (DAPO's filter) ----------------------------------------------------------------------------
+
+
+def test_informative_groups_hand_case():
+    scores = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.25, 0.25, 0.25])
+    assert informative_groups(scores, 3).tolist() == [False] * 3 + [True] * 3 + [False] * 3
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 5])
+def test_informative_groups_are_exactly_the_rows_with_nonzero_advantage(group_size):
+    g = torch.Generator().manual_seed(group_size)
+    scores = torch.randint(0, 2, (6 * group_size,), generator=g).double()  # binary rewards (pass/fail)
+    scores[:group_size], scores[group_size : 2 * group_size] = 0.0, 1.0  # a group of all fails, one of all passes
+    keep = informative_groups(scores, group_size)
+    for adv in (group_advantages(scores, group_size), rloo_advantages(scores, group_size)):
+        assert torch.equal(keep, adv != 0)
+    assert not keep[: 2 * group_size].any() and keep.any()
+
+
+def test_informative_groups_follow_their_group_when_groups_are_reordered():
+    scores = torch.tensor([1.0, 1.0, 0.0, 2.0, 3.0, 3.0])
+    perm = torch.tensor([1, 2, 0])  # groups of 2, reordered
+    keep = informative_groups(scores.view(3, 2)[perm].reshape(-1), 2)
+    assert torch.equal(keep, informative_groups(scores, 2).view(3, 2)[perm].reshape(-1))

@@ -119,6 +119,11 @@ class PPOModule(L.LightningModule):
         self.history: list[dict[str, float]] = []  # what was logged, one row per update (history.json)
 
     def configure_model(self) -> None:
+        if self.ppo.filter_groups and self.trainer.world_size > 1:
+            raise SalsaError(
+                "`model.ppo.filter_groups` runs on one process only (ranks would run different numbers of minibatches "
+                "and their collectives would not meet); set it to false for multi-process runs."
+            )
         if self.stack is None:
             sharding = (self.device_mesh, self.fsdp) if uses_fsdp2(self) else None
             self.stack = build_stack(self.layout, self.spec, self.policy_init, self.plan.paths, self.reward_model,
@@ -153,14 +158,17 @@ class PPOModule(L.LightningModule):
             if any_rank(not roll.finite(), self.device):
                 return self._nonfinite("Skipped a PPO update: NaN/inf in the rollout")
             t0 = time.perf_counter()
-            update_logs, planned = self._optimize(roll)
-            if not update_logs:
+            update_logs, planned, trained_rows = self._optimize(roll)
+            if planned and not update_logs:
                 return self._nonfinite("Skipped a PPO update: NaN/inf in the first minibatch's loss")
-            self.updates_done += 1
+            self.updates_done += 1  # with `filter_groups` a rollout of no informative group plans no step
             metrics = {**roll.metrics, "time/optimize": time.perf_counter() - t0, **roll.timings}
-            metrics.update(
-                mean_over_ranks({k: torch.stack([u[k] for u in update_logs]).mean() for k in update_logs[0]})
-            )
+            if update_logs:
+                metrics.update(
+                    mean_over_ranks({k: torch.stack([u[k] for u in update_logs]).mean() for k in update_logs[0]})
+                )
+            if self.ppo.filter_groups:
+                metrics["train/informative_fraction"] = torch.tensor(trained_rows / roll.ids.shape[0])
             metrics["kl_coef"] = torch.tensor(self.kl_ctl.value)  # the β this rollout's rewards used
             # the global batch's mean KL per response (metrics are reduced over ranks), so β is the same on every rank
             self.kl_ctl.update(float(metrics["objective/kl"]), n_steps=roll.ids.shape[0] * world_size())
@@ -176,15 +184,19 @@ class PPOModule(L.LightningModule):
             self.lr_schedulers().step()  # once per rollout, whatever the update did: it spans the run's rollouts
             release_freed_memory()  # nor the update's freed graphs beside the next rollout
 
-    def _optimize(self, roll: Rollout) -> tuple[list[dict[str, torch.Tensor]], int]:
+    def _optimize(self, roll: Rollout) -> tuple[list[dict[str, torch.Tensor]], int, int]:
         """`ppo_epochs` passes of clipped minibatch updates (CleanRL's update phase). A minibatch whose loss is not
-        finite takes no step and ends the update (the steps before it stand). Returns each step's statistics, and
-        how many steps were planned."""
-        opt, B = self.optimizers(), roll.ids.shape[0]
-        mb = min(self.ppo.mini_batch_size, B)
+        finite takes no step and ends the update (the steps before it stand). Returns each step's statistics, how
+        many steps were planned, and how many rollout rows they train on (fewer than the rollout's with
+        `filter_groups`)."""
+        opt, rows = self.optimizers(), torch.arange(roll.ids.shape[0], device=roll.ids.device)
+        if self.ppo.filter_groups:  # only the groups whose scores differ: the others have zero advantage
+            rows = rows[rl.informative_groups(roll.scores, self.ppo.n_samples_per_prompt)]
+        B = rows.numel()
+        mb = min(self.ppo.mini_batch_size, max(B, 1))
         planned, logs = self.ppo.ppo_epochs * -(-B // mb), []
         for _ in range(self.ppo.ppo_epochs):
-            order = torch.randperm(B, device=roll.ids.device)
+            order = rows[torch.randperm(B, device=roll.ids.device)]
             for start in range(0, B, mb):
                 opt.zero_grad()
                 # the policy's part, then the critic's: each backward frees its graph before the next forward
@@ -193,13 +205,13 @@ class PPOModule(L.LightningModule):
                 for loss, part_stats in parts:
                     if any_rank(not torch.isfinite(loss), self.device):
                         opt.zero_grad()  # a part already back-propagated leaves no gradient behind
-                        return logs, planned
+                        return logs, planned, B
                     self.manual_backward(loss)
                     stats = part_stats  # the last part's hold every statistic
                 self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 logs.append(stats)
-        return logs, planned
+        return logs, planned, B
 
     def _nonfinite(self, what: str) -> None:
         self.nonfinite_in_a_row += 1

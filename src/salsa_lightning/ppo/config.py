@@ -100,6 +100,10 @@ class PPOSpec:
     P × n rollout rows."""
     scale_rewards: bool = True
     """`grpo`: divide by the group's std (False = Dr. GRPO: centre only)."""
+    filter_groups: bool = False
+    """`grpo`/`rloo`: leave out of the update the groups whose responses all got the same score (DAPO's dynamic
+    sampling, without its re-sampling). Their advantages are 0, so with `kl_in: loss` they carry only the KL term;
+    the update then costs time in proportion to the informative rows only. Logged: `train/informative_fraction`."""
     kl_in: Literal["reward", "loss"] = "reward"
     """Where the KL penalty to the anchor enters: per token in the reward (PPO, paper eq. 2/4), or as
     `kl_coef · mean(k3)` in the loss (GRPO's form)."""
@@ -119,6 +123,14 @@ class PPOSpec:
                 self.n_samples_per_prompt,
                 f"at least 2 for `advantage_estimator: {self.advantage_estimator}` (it compares responses to one prompt)",
                 4,
+            )
+        if self.filter_groups:
+            _check(
+                self.advantage_estimator in ("grpo", "rloo"),
+                f + "filter_groups",
+                self.filter_groups,
+                "false unless `advantage_estimator` is grpo or rloo (it filters groups of responses to one prompt)",
+                False,
             )
         _check(self.ppo_epochs >= 1, f + "ppo_epochs", self.ppo_epochs, "at least 1", 2)
         _check(self.mini_batch_size >= 1, f + "mini_batch_size", self.mini_batch_size, "at least 1", 4)

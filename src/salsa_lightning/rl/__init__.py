@@ -37,6 +37,7 @@ contiguous rows; up to `shaped` everything is as above, then::
 from salsa_lightning.rl.advantages import (
     broadcast_to_tokens,
     group_advantages,
+    informative_groups,
     kl_loss,
     reinforce_pp_advantages,
     rloo_advantages,
@@ -101,6 +102,7 @@ __all__ = [
     "gather_last",
     "get_kl_estimator",
     "group_advantages",
+    "informative_groups",
     "kl_hack_detected",
     "kl_k1",
     "kl_k2",

@@ -67,6 +67,20 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - others_mean).reshape(-1)  # (B,)
 
 
+@torch.no_grad()
+def informative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) bool: the rows of the groups whose `group_size` scores are not all equal.
+
+    A group of equal scores gets advantage 0 from `group_advantages` and `rloo_advantages`, so with the KL in the
+    loss its rows add no policy gradient, only the KL term. Leaving them out of the update is DAPO's dynamic
+    sampling (Yu et al. 2025, "DAPO", §3.2) without the re-sampling that refills the batch. Rows of one prompt are
+    contiguous, as everywhere here.
+    """
+    grouped = _groups(scores, group_size)  # (n_prompts, G)
+    varied = (grouped != grouped[:, :1]).any(dim=1)  # (n_prompts,)
+    return varied.repeat_interleave(group_size)  # (B,)
+
+
 def reinforce_pp_advantages(
     rewards: torch.Tensor,
     mask: torch.Tensor,
