@@ -145,10 +145,11 @@ class PPOModule(L.LightningModule):
         # Sampling and minibatch order are a function of (seed, rollout): a resumed run continues exactly, whatever
         # else drew random numbers in between; each rank its own stream (rank 0's is the single-process one)
         try:
-            torch.manual_seed((current_seed() or 0) * 1_000_003 + self.rollouts_done + self.global_rank * 2**32)
+            index = self.rollouts_done  # what the every-N options count: checkpointed, so a resume measures alike
+            torch.manual_seed((current_seed() or 0) * 1_000_003 + index + self.global_rank * 2**32)
             self.rollouts_done += 1
             roll = collect_rollout(self.stack, batch, self.tokenizer, self.gen, self.ppo, self.plan, self.rewards,
-                                   self.kl_ctl.value)  # fmt: skip
+                                   self.kl_ctl.value, index)  # fmt: skip
             release_freed_memory()  # what generation freed is not kept resident beside the update's graphs
             if any_rank(not roll.finite(), self.device):
                 return self._nonfinite("Skipped a PPO update: NaN/inf in the rollout")

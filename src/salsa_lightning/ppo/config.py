@@ -103,6 +103,17 @@ class PPOSpec:
     kl_in: Literal["reward", "loss"] = "reward"
     """Where the KL penalty to the anchor enters: per token in the reward (PPO, paper eq. 2/4), or as
     `kl_coef · mean(k3)` in the loss (GRPO's form)."""
+    rollout_logprobs: bool = False
+    """Take the "old" log-probs (and `objective/entropy`) from the logits `generate` computed while sampling, at the
+    sampling temperature, instead of a separate policy forward after generation (TRL does this): saves one policy
+    forward over every rollout. Numbers: decoding with a KV cache does not round exactly like one forward over the
+    whole sequence (~1e-6 in float32, more in bf16), so the first minibatch's ratios, and the KL to an anchor equal to
+    the policy, start that far from 1 and 0; see `logprob_check_every`."""
+    logprob_check_every: int = 10
+    """With `rollout_logprobs`: on every N-th rollout (the 1st, 1+N-th, ...) also run the policy forward it saves and
+    log `rollout/logprob_diff`, the mean absolute difference over real tokens between the generation's log-probs and
+    the recomputed ones (0 = never; ignored without `rollout_logprobs`). The default measures the drift at a tenth
+    of the cost saved."""
 
     @property
     def critic(self) -> bool:
@@ -147,6 +158,14 @@ class PPOSpec:
             _finite(self.max_grad_norm) and self.max_grad_norm > 0, f + "max_grad_norm", self.max_grad_norm, "> 0", 1.0
         )
         _check(self.max_nonfinite_in_a_row >= 1, f + "max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, ">= 1", 3)
+        _check(
+            self.logprob_check_every >= 0, f + "logprob_check_every", self.logprob_check_every, ">= 0 (0 = never)", 10
+        )
+
+
+def every(n: int, index: int) -> bool:
+    """Whether the rollout `index` (0-based) is one of an every-`n` option's: the 1st, 1+n-th, ... (n = 0: never)."""
+    return n > 0 and index % n == 0
 
 
 @dataclass
@@ -172,4 +191,4 @@ class KLHackSpec:
         _check(self.patience >= 1, f + "patience", self.patience, "at least 1", 2)
 
 
-__all__ = ["GenerationSpec", "KLHackSpec", "PPOSpec"]
+__all__ = ["GenerationSpec", "KLHackSpec", "PPOSpec", "every"]

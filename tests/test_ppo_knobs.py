@@ -1,0 +1,116 @@
+"""Issue 16's "do less work per update" options, each off by default: log-probs from the generation's own logits
+(`ppo.rollout_logprobs`). Each either changes no number of the update or
+changes it only by float rounding, and each does skip the work it says it skips."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from helpers import shorter_is_better
+from test_ppo import assert_same_curves, curves, run
+
+from salsa_lightning.models.loading import ModelSpec, load_tokenizer
+from salsa_lightning.ppo.anchors import plan_anchors
+from salsa_lightning.ppo.build import build_stack
+from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
+from salsa_lightning.ppo.rollout import RewardSource, collect_rollout
+
+FP32 = ModelSpec(dtype="float32")
+
+
+@pytest.fixture
+def pipeline(ppo_pipeline):
+    return ppo_pipeline
+
+
+@pytest.fixture
+def prompts(pipeline):
+    """(tokenizer, one left-padded batch of 4 prompts)."""
+    from salsa_lightning.data.prompts import PromptDataModule
+
+    tok = load_tokenizer(str(pipeline / "sft1"), padding_side="left")
+    dm = PromptDataModule(str(pipeline / "prompts.jsonl"), tok, batch_size=4)
+    dm.setup()
+    return tok, next(iter(dm.train_dataloader()))
+
+
+def counted(stack, monkeypatch) -> Counter:
+    """Counts `stack.logits` calls by model name (policy or anchor)."""
+    calls: Counter = Counter()
+    real = stack.logits
+
+    def spy(name, *args, **kwargs):
+        calls[name] += 1
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(stack, "logits", spy)
+    return calls
+
+
+class WithEOS:
+    """The tokenizer with another token id as EOS: one the tiny model samples early in a response, so that responses
+    end early and the padding after EOS is exercised (its real EOS is one of 384 tokens, rarely drawn in 8)."""
+
+    def __init__(self, tokenizer, eos_token_id: int):
+        self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def collector(stack, prompts, plan, gen=None, tok=None):
+    tok, batch = (tok or prompts[0]), prompts[1]
+    gen = gen or GenerationSpec(max_new_tokens=8)
+
+    def collect(ppo: PPOSpec, index: int = 0, seed: int = 0):
+        torch.manual_seed(seed)  # the same sampling noise for every option
+        return collect_rollout(
+            stack, batch, tok, gen, ppo, plan, RewardSource(reward_fn=shorter_is_better), 0.05, index
+        )
+
+    return collect
+
+
+# ---------------------------------------------------------------- ppo.rollout_logprobs
+@pytest.mark.parametrize("layout", ["lora", "full"])
+def test_rollout_logprobs_match_the_recomputed_ones_without_the_policy_forward(pipeline, prompts, layout, monkeypatch):
+    plan = plan_anchors(str(pipeline / "sft1"), "init")
+    stack = build_stack(layout, FP32, plan.policy_init, plan.paths, None, "copy")
+    third = collector(stack, prompts, plan)(PPOSpec()).response[0, 2]  # the same noise: row 0 then ends by its 3rd
+    calls = counted(stack, monkeypatch)
+    collect = collector(stack, prompts, plan, tok=WithEOS(prompts[0], int(third)))
+
+    ref = collect(PPOSpec())
+    assert calls["policy"] == 1 and "rollout/logprob_diff" not in ref.metrics
+    calls.clear()
+    fast = collect(PPOSpec(rollout_logprobs=True, logprob_check_every=0))
+    assert calls["policy"] == 0 and calls["init"] == 1  # the policy forward is skipped, the anchor's is not
+    real = ref.resp_mask
+    assert torch.equal(fast.response, ref.response) and torch.equal(fast.resp_mask, real)  # the same samples
+    assert 0 < real.sum() < real.numel()  # some responses ended early: padding is exercised
+    torch.testing.assert_close(fast.logp[real], ref.logp[real], rtol=0, atol=1e-5)  # KV-cache rounding only
+    for k in ("objective/entropy", "objective/kl", "objective/kl_init", "objective/scores"):
+        torch.testing.assert_close(fast.metrics[k], ref.metrics[k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.advantages, ref.advantages, rtol=1e-4, atol=1e-4)
+
+    # the drift check runs the forward it saves, on the 1st, 11th, ... rollout only
+    calls.clear()
+    checked = collect(PPOSpec(rollout_logprobs=True), index=0)
+    assert calls["policy"] == 1
+    diff = checked.metrics["rollout/logprob_diff"]
+    assert diff == pytest.approx(float((checked.logp - ref.logp).abs()[real].mean()), abs=1e-7) and diff < 1e-5
+    torch.testing.assert_close(checked.logp, fast.logp, rtol=0, atol=0)  # the check never replaces the log-probs
+    calls.clear()
+    assert "rollout/logprob_diff" not in collect(PPOSpec(rollout_logprobs=True), index=1).metrics
+    assert calls["policy"] == 0
+    assert "rollout/logprob_diff" in collect(PPOSpec(rollout_logprobs=True), index=10).metrics
+
+
+def test_rollout_logprobs_train_like_the_recomputed_ones(pipeline):
+    common = ("--trainer.max_steps=8", "--model.optim.lr=1e-2")
+    ref = curves(run(pipeline, *common))
+    fast = curves(run(pipeline, *common, "--model.ppo.rollout_logprobs=true", "--model.ppo.logprob_check_every=1"))
+    assert all(0 <= h.pop("rollout/logprob_diff") < 1e-5 for h in fast)
+    assert_same_curves(ref, fast, rel=1e-3)
