@@ -23,6 +23,7 @@ from salsa_lightning.ppo.schedule import optimizer_steps_per_rollout, rollouts_i
         (lambda: PPOSpec(kl_target=0.0), "model.ppo.kl_target"),
         (lambda: PPOSpec(missing_eos_penalty=-1.0), "model.ppo.missing_eos_penalty"),
         (lambda: PPOSpec(max_grad_norm=0.0), "model.ppo.max_grad_norm"),
+        (lambda: PPOSpec(logged_kl_every=0), "model.ppo.logged_kl_every"),
         (lambda: PPOSpec(logprob_check_every=-1), "model.ppo.logprob_check_every"),
         (lambda: GenerationSpec(max_new_tokens=0), "model.generation.max_new_tokens"),
         (lambda: GenerationSpec(temperature=0.0), "model.generation.temperature"),

@@ -1,6 +1,6 @@
 """Issue 16's "do less work per update" options, each off by default: log-probs from the generation's own logits
-(`ppo.rollout_logprobs`). Each either changes no number of the update or
-changes it only by float rounding, and each does skip the work it says it skips."""
+(`ppo.rollout_logprobs`) and the logging-only anchors measured every N-th rollout (`ppo.logged_kl_every`). Each either
+changes no number of the update or changes it only by float rounding, and each does skip the work it says it skips."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from salsa_lightning.models.loading import ModelSpec, load_tokenizer
 from salsa_lightning.ppo.anchors import plan_anchors
 from salsa_lightning.ppo.build import build_stack
 from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
+from salsa_lightning.ppo.losses import minibatch_loss
 from salsa_lightning.ppo.rollout import RewardSource, collect_rollout
 
 FP32 = ModelSpec(dtype="float32")
@@ -114,3 +115,56 @@ def test_rollout_logprobs_train_like_the_recomputed_ones(pipeline):
     fast = curves(run(pipeline, *common, "--model.ppo.rollout_logprobs=true", "--model.ppo.logprob_check_every=1"))
     assert all(0 <= h.pop("rollout/logprob_diff") < 1e-5 for h in fast)
     assert_same_curves(ref, fast, rel=1e-3)
+
+
+# ---------------------------------------------------------------- ppo.logged_kl_every
+@pytest.mark.parametrize("anchor,logged_only", [("init", "soup"), ("soup", "init")])
+def test_logging_only_anchors_run_every_nth_rollout_and_change_no_number(pipeline, prompts, anchor, logged_only,
+                                                                         monkeypatch):  # fmt: skip
+    plan = plan_anchors(str(pipeline / "sft1"), anchor, soup=str(pipeline / "soup"))
+    assert plan.names == (anchor,) and set(plan.logged) == {"init", "soup"}
+    stack = build_stack("lora", FP32, plan.policy_init, plan.paths, None, "copy")
+    calls = counted(stack, monkeypatch)
+    collect = collector(stack, prompts, plan)
+    ppo, every2 = PPOSpec(), PPOSpec(logged_kl_every=2)
+    for index in range(4):  # rollouts 1-4: the logging-only anchor on rollouts 1 and 3
+        calls.clear()
+        a, b = collect(ppo, index, seed=index), collect(every2, index, seed=index)
+        assert calls[anchor] == 2 and calls[logged_only] == 1 + (index % 2 == 0)
+        key = f"objective/kl_{logged_only}"
+        assert (key in b.metrics) == (index % 2 == 0)  # absent in between: not zero, not stale
+        assert b.metrics.keys() | {key} == a.metrics.keys()
+        for k in b.metrics:
+            assert torch.equal(a.metrics[k], b.metrics[k]), k
+        for name in ("logp", "anchor_logp", "advantages", "returns", "values", "scores", "response_kl"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        rows = torch.arange(4)
+        (loss_a, stats_a), (loss_b, stats_b) = (minibatch_loss(stack, r.rows(rows), ppo, GenerationSpec(), 0.05)
+                                                for r in (a, b))  # fmt: skip
+        assert torch.equal(loss_a, loss_b) and all(torch.equal(stats_a[k], stats_b[k]) for k in stats_a)
+
+
+def test_logged_kl_every_counts_rollouts_through_the_module(pipeline):
+    common = ("--trainer.max_epochs=2", "--model.optim.lr=1e-2", f"--model.soup={pipeline / 'soup'}")  # 4 rollouts
+    every1 = curves(run(pipeline, *common))
+    every2 = curves(run(pipeline, *common, "--model.ppo.logged_kl_every=2"))
+    assert [("objective/kl_soup" in h) for h in every2] == [True, False, True, False]
+    for i in (1, 3):
+        every1[i].pop("objective/kl_soup")
+    assert_same_curves(every1, every2, rel=0)  # the update never reads the logging-only KL
+
+
+def test_resume_measures_the_same_rollouts_as_an_uninterrupted_run(pipeline, tmp_path):
+    # the every-N options count rollouts (checkpointed), so a run killed after rollout 1 and resumed measures on
+    # rollout 3 again, not on its own 1st
+    common = ("--model.optim.lr=1e-2", "--trainer.enable_checkpointing=true", "--trainer.limit_train_batches=1",
+              "--trainer.max_epochs=3", f"--model.soup={pipeline / 'soup'}", "--model.ppo.logged_kl_every=2",
+              "--model.ppo.rollout_logprobs=true", "--model.ppo.logprob_check_every=2")  # fmt: skip
+    whole = run(pipeline, *common, f"--trainer.default_root_dir={tmp_path / 'a'}")
+    run(pipeline, *common, f"--trainer.default_root_dir={tmp_path / 'b'}", "--trainer.callbacks+=helpers.KillAfterEpochs",
+        "--trainer.callbacks.epochs=1")  # fmt: skip
+    ckpt = next((tmp_path / "b").rglob("*.ckpt"))
+    resumed = run(pipeline, *common, f"--trainer.default_root_dir={tmp_path / 'c'}", f"--ckpt_path={ckpt}")
+    measured = [("objective/kl_soup" in h, "rollout/logprob_diff" in h) for h in curves(resumed)]
+    assert measured == [(True, True), (False, False), (True, True)]
+    assert_same_curves(curves(whole), curves(resumed))

@@ -114,6 +114,11 @@ class PPOSpec:
     log `rollout/logprob_diff`, the mean absolute difference over real tokens between the generation's log-probs and
     the recomputed ones (0 = never; ignored without `rollout_logprobs`). The default measures the drift at a tenth
     of the cost saved."""
+    logged_kl_every: int = 1
+    """Run the forward of the anchors that only feed logging (those measured but not in the penalty: the soup when
+    `anchor: init`, `init` when `anchor: soup`) on every N-th rollout only (the 1st, 1+N-th, ...; counted in
+    rollouts, so a resumed run measures the same ones). In between their `objective/kl_<name>` is absent from the
+    logs, not zero. Saves (N-1)/N of those forwards; the update's numbers are the same for every N."""
 
     @property
     def critic(self) -> bool:
@@ -161,6 +166,7 @@ class PPOSpec:
         _check(
             self.logprob_check_every >= 0, f + "logprob_check_every", self.logprob_check_every, ">= 0 (0 = never)", 10
         )
+        _check(self.logged_kl_every >= 1, f + "logged_kl_every", self.logged_kl_every, "at least 1", 4)
 
 
 def every(n: int, index: int) -> bool:

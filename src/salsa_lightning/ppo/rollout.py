@@ -172,7 +172,7 @@ def collect_rollout(
     index: int = 0,
 ) -> Rollout:
     """Sample, score and measure one rollout batch. `index`: the 0-based number of this rollout in the run, which the
-    every-N option `ppo.logprob_check_every` counts, so a resumed run measures the same
+    every-N options (`ppo.logged_kl_every`, `ppo.logprob_check_every`) count, so a resumed run measures the same
     rollouts as an uninterrupted one."""
     timings: dict[str, float] = {}
     extra: dict[str, torch.Tensor] = {}  # measurements taken on some rollouts only
@@ -222,7 +222,9 @@ def collect_rollout(
         logp = rl.logprobs_from_logits(rl.response_logits(logits, response.shape[1]), response, T)  # (B, R)
         entropy = rl.entropy_from_logits(rl.response_logits(logits, response.shape[1]), T)  # (B, R)
         del logits
-    anchor_logp = {name: response_logprobs(stack, name, ids, mask, pos, response, T) for name in plan.paths}
+    # the penalty's anchors every rollout; those only logged (plan.logged, not plan.names) every logged_kl_every-th
+    measured = [n for n in plan.paths if n in plan.names or every(ppo.logged_kl_every, index)]
+    anchor_logp = {name: response_logprobs(stack, name, ids, mask, pos, response, T) for name in measured}
     values = rl.response_logits(stack.values(ids, mask, pos), response.shape[1]) if ppo.critic else None  # (B, R)
     timings["time/forward"] = time.perf_counter() - t0
 
@@ -232,7 +234,7 @@ def collect_rollout(
         if len(refs) == 1
         else rl.multi_anchor_kl(logp, refs, ppo.kl_estimator)
     )
-    named_kls = {n: rl.kl_penalty(logp, anchor_logp[n], ppo.kl_estimator) for n in plan.logged}
+    named_kls = {n: rl.kl_penalty(logp, anchor_logp[n], ppo.kl_estimator) for n in plan.logged if n in anchor_logp}
     scores = rl.apply_missing_eos_penalty(raw_scores, has_eos, ppo.missing_eos_penalty)
     shaped = rl.shape_rewards(scores, kl, resp_mask, kl_coef if ppo.kl_in == "reward" else 0.0)
     all_reduce = sum_over_ranks if world_size() > 1 else None
