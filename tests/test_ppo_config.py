@@ -7,7 +7,7 @@ import pytest
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.modules.common import OptimSpec
-from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec, every
+from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec, check_merge_lora, every
 from salsa_lightning.ppo.schedule import optimizer_steps_per_rollout, rollouts_in_run
 
 
@@ -50,6 +50,17 @@ def test_defaults_are_valid_and_sampling_kwargs_follow_do_sample():
         "top_p": 1.0,
     }
     assert GenerationSpec(do_sample=False, temperature=0.7).sampling_kwargs() == {"do_sample": False}
+
+
+@pytest.mark.parametrize(
+    "layout,quantized,sharded,why",
+    [("full", False, False, "layout: full"), ("lora", True, False, "4-bit"), ("lora", False, True, "FSDP")],
+)
+def test_merge_lora_is_refused_where_it_cannot_work(layout, quantized, sharded, why):
+    with pytest.raises(SalsaError, match="set it to e.g.") as err:
+        check_merge_lora(layout, quantized, sharded)
+    assert "`model.generation.merge_lora` must be false" in str(err.value) and why in str(err.value)
+    check_merge_lora("lora", quantized=False, sharded=False)  # the one place it works
 
 
 def test_every_counts_the_first_rollout_then_every_nth():

@@ -1,6 +1,7 @@
 """Issue 16's "do less work per update" options, each off by default: log-probs from the generation's own logits
-(`ppo.rollout_logprobs`) and the logging-only anchors measured every N-th rollout (`ppo.logged_kl_every`). Each either
-changes no number of the update or changes it only by float rounding, and each does skip the work it says it skips."""
+(`ppo.rollout_logprobs`), the logging-only anchors measured every N-th rollout (`ppo.logged_kl_every`), and the
+policy adapter merged for generation (`generation.merge_lora`). Each either changes no number of the update or
+changes it only by float rounding, and each does skip the work it says it skips."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from collections import Counter
 import pytest
 import torch
 from helpers import shorter_is_better
-from test_ppo import assert_same_curves, curves, run
+from test_ppo import assert_same_curves, curves, run, run_fails
 
+from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import ModelSpec, load_tokenizer
 from salsa_lightning.ppo.anchors import plan_anchors
 from salsa_lightning.ppo.build import build_stack
 from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
 from salsa_lightning.ppo.losses import minibatch_loss
 from salsa_lightning.ppo.rollout import RewardSource, collect_rollout
+from salsa_lightning.rl.sequences import position_ids_from_mask
 
 FP32 = ModelSpec(dtype="float32")
 
@@ -168,3 +171,76 @@ def test_resume_measures_the_same_rollouts_as_an_uninterrupted_run(pipeline, tmp
     measured = [("objective/kl_soup" in h, "rollout/logprob_diff" in h) for h in curves(resumed)]
     assert measured == [(True, True), (False, False), (True, True)]
     assert_same_curves(curves(whole), curves(resumed))
+
+
+# ---------------------------------------------------------------- generation.merge_lora
+def test_merged_generation_samples_alike_and_leaves_the_base_bit_identical(pipeline, prompts):
+    tok, batch = prompts
+    anchors = {"init": str(pipeline / "sft1"), "soup": str(pipeline / "soup")}
+    stack = build_stack("lora", FP32, str(pipeline / "sft1"), anchors, str(pipeline / "rm"), "copy", merge_lora=True)
+    frozen = {n: p.detach().clone() for n, p in stack.named_parameters() if not p.requires_grad}
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pos = position_ids_from_mask(mask)
+
+    def outputs() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            out = {n: stack.logits(n, ids, mask, pos) for n in ("policy", "init", "soup")}
+            return {**out, "reward": stack.reward_scores(ids, mask), "value": stack.values(ids, mask, pos)}
+
+    before = outputs()
+    lora_a = next(m for n, m in stack.model.named_modules() if n.endswith("q_proj.lora_A.policy"))
+    adapter_calls = Counter()
+    lora_a.register_forward_hook(lambda *_: adapter_calls.update(["policy"]))
+
+    def generate(merge: bool) -> tuple[torch.Tensor, int]:
+        stack.merge_lora = merge
+        adapter_calls.clear()
+        with torch.no_grad():
+            out = stack.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+        return out, adapter_calls["policy"]
+
+    (plain, plain_calls), (merged, merged_calls) = generate(False), generate(True)
+    assert plain_calls > 0 and merged_calls == 0  # merged: the adapter's matmuls do not run while decoding
+    assert torch.equal(plain, merged)  # greedy: the same tokens
+    for n, p in stack.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n  # the base (and every frozen adapter) bit for bit
+    after = outputs()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k  # policy, anchors, reward and critic exactly as before
+    assert not any(getattr(m, "merged_adapters", []) for m in stack.model.modules())
+
+    q_proj = next(m for n, m in stack.model.named_modules() if n.endswith("q_proj.base_layer"))
+    original = q_proj.weight.detach().clone()
+    seen = []
+
+    def failing_generate(**kwargs):
+        seen.append(not torch.equal(q_proj.weight, original))  # the adapter is merged into the base meanwhile
+        raise RuntimeError("out of memory")
+
+    stack.model.generate = failing_generate  # a failed generation still puts the base back
+    with pytest.raises(RuntimeError):
+        stack.generate(input_ids=ids)
+    assert seen == [True]
+    assert all(torch.equal(p, frozen[n]) for n, p in stack.named_parameters() if not p.requires_grad)
+
+
+def test_merge_lora_trains_like_the_unmerged_policy(pipeline):
+    common = ("--trainer.max_steps=8", "--model.optim.lr=1e-2", "--model.layout=lora")
+    plain = curves(run(pipeline, *common))
+    merged = curves(run(pipeline, *common, "--model.generation.merge_lora=true"))
+    assert_same_curves(plain, merged, rel=1e-5)
+
+
+def test_merge_lora_is_refused_where_there_is_nothing_to_merge(pipeline, capsys):
+    from helpers import ppo_args
+
+    args = ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), "--model.layout=full",
+                    "--model.generation.merge_lora=true", reward=str(pipeline / "rm"))  # fmt: skip
+    msg = run_fails(args, capsys)
+    assert "`model.generation.merge_lora` must be false with `layout: full`" in msg
+    from salsa_lightning.distributed import FSDPSpec
+
+    with pytest.raises(SalsaError, match="FSDP"):  # before any model is built
+        build_stack("lora", FP32, str(pipeline / "sft1"), {}, None, "copy", (None, FSDPSpec()), merge_lora=True)
