@@ -244,3 +244,12 @@ def test_merge_lora_is_refused_where_there_is_nothing_to_merge(pipeline, capsys)
 
     with pytest.raises(SalsaError, match="FSDP"):  # before any model is built
         build_stack("lora", FP32, str(pipeline / "sft1"), {}, None, "copy", (None, FSDPSpec()), merge_lora=True)
+
+    # a targeted base weight tied to another module (as an LM head with tied embeddings would be) would carry the
+    # merge into that module too
+    stack = build_stack("lora", FP32, str(pipeline / "sft1"), {}, None, "copy", merge_lora=True)
+    layers = dict(stack.model.named_modules())
+    first, second = (layers[f"base_model.model.model.layers.{i}.self_attn.q_proj"] for i in (0, 1))
+    second.base_layer.weight = first.base_layer.weight
+    with pytest.raises(SalsaError, match="tied to another module"):
+        stack._refuse_tied_merge_targets()
