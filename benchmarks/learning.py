@@ -3,6 +3,11 @@ suite's gold judge as the reward (RLVR), held-out gold measured greedily every K
 
     python benchmarks/learning.py                                  # GAE and GRPO x init and soup anchors, seed 1
     python benchmarks/learning.py --arms grpo:soup gae:init --seeds 1 2 --updates 32 --eval-every 8
+    python benchmarks/learning.py --arms gae:init --rollout-logprobs --logged-kl-every 4 --merge-lora   # ours' options
+
+The work-saving options (issue 16; off by default) map to `model.ppo.rollout_logprobs` (`--logprob-check-every N`),
+`model.ppo.logged_kl_every` and `model.generation.merge_lora`; `--extra=ARG` passes any further CLI argument
+(repeatable). An arm run with any of them is cached apart from the default arms (its folder name says which).
 
 Each arm (estimator:anchor, seed) runs `configs/quickstart/rlvr-*.yaml` through the real CLI in a subprocess, with
 `GoldCurve` (below) as an extra callback. It prints a table — gold before, gold after, the paired gain over prompts
@@ -136,6 +141,31 @@ def update_args(config: str, updates: int, extra: list[str] = ()) -> list[str]:
     return [f"--trainer.limit_train_batches={updates // epochs}", f"--trainer.max_epochs={epochs}"]
 
 
+def option_args(args: argparse.Namespace) -> list[str]:
+    """The CLI arguments of the work-saving options given on this script's command line (none by default)."""
+    out = []
+    if args.rollout_logprobs:
+        out += ["--model.ppo.rollout_logprobs=true", f"--model.ppo.logprob_check_every={args.logprob_check_every}"]
+    if args.logged_kl_every != 1:
+        out.append(f"--model.ppo.logged_kl_every={args.logged_kl_every}")
+    if args.merge_lora:
+        out.append("--model.generation.merge_lora=true")
+    return out + list(args.extra)
+
+
+def option_suffix(args: argparse.Namespace) -> str:
+    """The arm folder's suffix for the options: empty by default, so the default arms keep their cache."""
+    import hashlib
+
+    check = f"c{args.logprob_check_every}" if args.logprob_check_every != 10 else ""
+    extra = args.tag or (hashlib.sha1("\0".join(args.extra).encode()).hexdigest()[:8] if args.extra else "")
+    return "".join([
+        f"-rlp{check}" if args.rollout_logprobs else "",
+        f"-lkl{args.logged_kl_every}" if args.logged_kl_every != 1 else "", "-merge" if args.merge_lora else "",
+        f"-x{extra}" if extra else "",
+    ])  # fmt: skip
+
+
 def run_arm(
     python: str,
     estimator: str,
@@ -145,7 +175,7 @@ def run_arm(
     every: int,
     out: Path,
     precision: str,
-    extra: list[str] = (),
+    options: list[str] | None = None,
 ) -> dict:
     cached = out / "arm.json"
     if cached.exists():
@@ -155,13 +185,13 @@ def run_arm(
     evals = {"id": str(QS / "data" / "eval_id.jsonl"), "ood": str(QS / "data" / "eval_ood.jsonl")}
     cmd = [
         python, "-m", "salsa_lightning", "fit", "--config", f"configs/quickstart/{CONFIGS[(estimator, anchor)]}.yaml",
-        f"--seed_everything={seed}", *update_args(CONFIGS[(estimator, anchor)], updates, extra),
+        f"--seed_everything={seed}", *update_args(CONFIGS[(estimator, anchor)], updates, options or []),
         f"--trainer.precision={precision}",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.sample_table_every=0",
         f"--model.output_dir={out / 'policy'}", "--model.overwrite=true",
         "--trainer.callbacks+=learning.GoldCurve", f"--trainer.callbacks.path={out / 'curve.json'}",
         f"--trainer.callbacks.eval_files={json.dumps(evals)}", f"--trainer.callbacks.every={every}",
-        f"--trainer.callbacks.start_cache={out.parent / 'start.json'}", *extra,
+        f"--trainer.callbacks.start_cache={out.parent / 'start.json'}", *(options or []),
     ]  # fmt: skip
     print(f"== {out.name}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.perf_counter()
@@ -256,12 +286,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "learning")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument(
-        "--extra", action="append", default=[], help="CLI overrides for every arm, e.g. --extra=--model.optim.lr=1e-4"
-    )
-    ap.add_argument("--tag", default="", help="suffix of the arms' result directories (for runs with --extra)")
-    ap.add_argument(
         "--precision", default=None, help="trainer.precision (default: bf16-mixed where fast, else 32-true)"
     )
+    ours = ap.add_argument_group("work-saving options (off by default)")
+    ours.add_argument("--rollout-logprobs", action="store_true", help="model.ppo.rollout_logprobs=true")
+    ours.add_argument("--logprob-check-every", type=int, default=10, help="model.ppo.logprob_check_every (default 10)")
+    ours.add_argument("--logged-kl-every", type=int, default=1, help="model.ppo.logged_kl_every (default 1)")
+    ours.add_argument("--merge-lora", action="store_true", help="model.generation.merge_lora=true")
+    ours.add_argument("--extra", action="append", default=[], metavar="ARG",
+                      help="one more CLI argument, e.g. --extra=--model.ppo.ppo_epochs=1 (repeatable)")  # fmt: skip
+    ours.add_argument("--tag", default="", help="names the --extra runs' folders (-x<tag>) instead of a hash")
     args = ap.parse_args()
     from salsa_lightning.hardware import training_precision
 
@@ -271,10 +305,9 @@ def main() -> None:
     for arm in args.arms:
         estimator, anchor = arm.split(":")
         for seed in args.seeds:
-            out = args.out / f"{estimator}-{anchor}-s{seed}-u{args.updates}{args.tag}"
-            results.append(
-                run_arm(args.python, estimator, anchor, seed, args.updates, args.eval_every, out, precision, args.extra)
-            )
+            out = args.out / f"{estimator}-{anchor}-s{seed}-u{args.updates}{option_suffix(args)}"
+            results.append(run_arm(args.python, estimator, anchor, seed, args.updates, args.eval_every, out, precision,
+                                   option_args(args)))  # fmt: skip
     print(report(results, args.out))
 
 

@@ -5,6 +5,15 @@
     python benchmarks/vs_trl.py --quick    # the tiny test model, 1 run, 1 warm-up + 1 timed update: checks the script
     python benchmarks/vs_trl.py --fresh    # forget the stored runs of this configuration first
     python benchmarks/vs_trl.py --systems ours-lora --src /tmp/old/src --tag=-old   # A/B: ours from other sources
+    python benchmarks/vs_trl.py --systems ours-lora --rollout-logprobs --merge-lora   # A/B: ours' options
+
+Ours' work-saving options (issue 16; all off by default, so the default runs are the settings below):
+`--rollout-logprobs` (`model.ppo.rollout_logprobs`, with `--logprob-check-every N`); `--log-soup-kl` (also measure
+the KL to a soup, as SALSA runs do; the soup here is the initial policy itself) with `--logged-kl-every N`
+(`model.ppo.logged_kl_every`, which thins that logging-only forward; without a soup it changes nothing);
+`--merge-lora` (`model.generation.merge_lora`, LoRA systems only: the full layout has nothing to merge); and
+`--ours-extra=ARG` (one more CLI argument for ours, repeatable). A run with any of them is stored in a results folder
+named after them (e.g. `...-u5-rlp-soupkl-lkl4-merge`), apart from the default runs; TRL's runs ignore them.
 
 Settings (both systems): batch 8 prompts, exactly 32 new tokens (ours: min_new_tokens = max_new_tokens; TRL: no stop
 token, so it always generates `response_length`), 1 PPO epoch, 1 minibatch of 8, β 0.05 (k1 in the reward), lr 3e-6
@@ -137,8 +146,43 @@ class UpdateClock(Callback):
         UpdateClock.ends.append(time.perf_counter())
 
 
+def option_args(args: argparse.Namespace, paths: dict[str, str], layout: str) -> list[str]:
+    """Our CLI's arguments for the work-saving options given on this script's command line (none by default)."""
+    out = []
+    if args.rollout_logprobs:
+        out += ["--model.ppo.rollout_logprobs=true", f"--model.ppo.logprob_check_every={args.logprob_check_every}"]
+    if args.log_soup_kl:  # the soup = the initial policy itself (the same numbers), measured as SALSA runs do
+        out.append(f"--model.soup={paths['base'] if layout == 'full' else paths['sft_lora']}")
+    if args.logged_kl_every != 1:
+        out.append(f"--model.ppo.logged_kl_every={args.logged_kl_every}")
+    if args.merge_lora and layout == "lora":
+        out.append("--model.generation.merge_lora=true")
+    return out + list(args.ours_extra)
+
+
+def option_flags(args: argparse.Namespace) -> list[str]:
+    """This script's option flags as given (handed on to each run's subprocess)."""
+    flags = [*(["--rollout-logprobs"] if args.rollout_logprobs else []), f"--logprob-check-every={args.logprob_check_every}",
+             f"--logged-kl-every={args.logged_kl_every}", *(["--log-soup-kl"] if args.log_soup_kl else []),
+             *(["--merge-lora"] if args.merge_lora else []), *(f"--ours-extra={a}" for a in args.ours_extra)]  # fmt: skip
+    return flags
+
+
+def option_suffix(args: argparse.Namespace) -> str:
+    """The results folder's suffix for the options: empty by default, so the default runs keep their folder."""
+    import hashlib
+
+    check = f"c{args.logprob_check_every}" if args.logprob_check_every != 10 else ""
+    extra = hashlib.sha1("\0".join(args.ours_extra).encode()).hexdigest()[:8] if args.ours_extra else ""
+    return "".join([
+        f"-rlp{check}" if args.rollout_logprobs else "", "-soupkl" if args.log_soup_kl else "",
+        f"-lkl{args.logged_kl_every}" if args.logged_kl_every != 1 else "", "-merge" if args.merge_lora else "",
+        f"-x{extra}" if extra else "",
+    ])  # fmt: skip
+
+
 def ours_args(paths: dict[str, str], layout: str, updates: int, checkpointing: bool = False) -> list[str]:
-    """Our CLI's arguments for the settings in the module docstring."""
+    """Our CLI's arguments for the settings in the module docstring (the options' come from `option_args`)."""
     policy, reward = (paths["base"], paths["rm_full"]) if layout == "full" else (paths["sft_lora"], paths["rm_lora"])
     return [
         "fit", "--model=salsa_lightning.modules.ppo.PPOModule", f"--model.policy_init={policy}",
@@ -158,11 +202,12 @@ def ours_args(paths: dict[str, str], layout: str, updates: int, checkpointing: b
     ]  # fmt: skip
 
 
-def run_ours(paths: dict[str, str], system: str, updates: int) -> dict:
+def run_ours(paths: dict[str, str], system: str, updates: int, options: argparse.Namespace) -> dict:
     from salsa_lightning.cli import cli_main
 
     layout = "full" if system == "ours-full" else "lora"
-    cli = cli_main(ours_args(paths, layout, updates, checkpointing=system.endswith("-gc")))
+    args = ours_args(paths, layout, updates, checkpointing=system.endswith("-gc"))
+    cli = cli_main([*args, *option_args(options, paths, layout)])
     import vs_trl  # the CLI instantiated the callback from the module `vs_trl`, not from this `__main__`
 
     hist = cli.model.history
@@ -222,11 +267,11 @@ def run_trl(paths: dict[str, str], updates: int) -> dict:
     return {"update_ends": ends, "kl_last": kls[-1] if kls else None}
 
 
-def child(system: str, paths_file: str, updates: int, out: str) -> None:
+def child(system: str, paths_file: str, updates: int, out: str, options: argparse.Namespace) -> None:
     """One run, in its own process: writes its numbers to `out`."""
     paths = json.loads(Path(paths_file).read_text())
     t0 = time.perf_counter()
-    result = run_trl(paths, updates) if system == "trl" else run_ours(paths, system, updates)
+    result = run_trl(paths, updates) if system == "trl" else run_ours(paths, system, updates, options)
     ends = result.pop("update_ends")
     if len(ends) != updates:
         raise SystemExit(f"{system}: expected {updates} updates, the clock saw {len(ends)}")
@@ -297,23 +342,34 @@ def main() -> None:
         help="the salsa_lightning sources ours runs from (e.g. a checkout of an older commit)",
     )
     parser.add_argument("--tag", default="", help="appended to the results folder name (e.g. to keep A/B runs apart)")
+    ours = parser.add_argument_group("ours' work-saving options (off by default; TRL's runs ignore them)")
+    ours.add_argument("--rollout-logprobs", action="store_true", help="model.ppo.rollout_logprobs=true")
+    ours.add_argument("--logprob-check-every", type=int, default=10, help="model.ppo.logprob_check_every (default 10)")
+    ours.add_argument("--log-soup-kl", action="store_true",
+                      help="also log the KL to a soup (= the initial policy), as SALSA runs do")  # fmt: skip
+    ours.add_argument("--logged-kl-every", type=int, default=1,
+                      help="model.ppo.logged_kl_every (needs a logging-only anchor: --log-soup-kl)")  # fmt: skip
+    ours.add_argument("--merge-lora", action="store_true", help="model.generation.merge_lora=true (LoRA systems)")
+    ours.add_argument("--ours-extra", action="append", default=[], metavar="ARG",
+                      help="one more CLI argument for ours, e.g. --ours-extra=--model.ppo.ppo_epochs=2 (repeatable)")  # fmt: skip
     parser.add_argument("--child", nargs=4, metavar=("SYSTEM", "PATHS", "UPDATES", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         system, paths, updates, out = args.child
-        return child(system, paths, int(updates), out)
+        return child(system, paths, int(updates), out, args)
 
     model = args.model or ("tiny" if args.quick else EMBEDDED)
     runs = args.runs if args.runs is not None else (1 if args.quick else 2)
     updates = args.updates or (2 if args.quick else 5)
     if updates < 2:
         parser.error("--updates must be >= 2 (the first one is a warm-up)")
-    config = f"{model.replace('embedded:', '').replace('/', '_')}-b{BATCH}-t{NEW_TOKENS}-u{updates}{args.tag}"
+    base_config = f"{model.replace('embedded:', '').replace('/', '_')}-b{BATCH}-t{NEW_TOKENS}-u{updates}"
+    config = base_config + option_suffix(args) + args.tag
     out_dir = RESULTS / config
     if args.fresh:
         shutil.rmtree(out_dir / "runs", ignore_errors=True)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    inputs = RESULTS / config.removesuffix(args.tag) / "inputs"  # A/B tags share the models
+    inputs = RESULTS / base_config / "inputs"  # A/B tags and options share the models
     paths_file = inputs / "inputs.json"
     build_inputs(model, inputs, n_prompts=BATCH * updates)
     pythons = {s: (trl_python() if s == "trl" else Path(sys.executable)) for s in args.systems}
@@ -326,7 +382,7 @@ def main() -> None:
             if out.is_file():
                 continue
             print(f"run {i}/{runs}: {LABELS[system]} ...", flush=True)
-            cmd = [pythons[system], __file__, "--child", system, paths_file, str(updates), out]
+            cmd = [pythons[system], __file__, "--child", system, paths_file, str(updates), out, *option_flags(args)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
@@ -349,7 +405,9 @@ def main() -> None:
         "s/update: wall time between update ends (after the warm-up), each run's mean, min-max over runs;",
         "samples/s vs TRL: TRL's mean s/update / this system's (> 1 = faster); RSS vs TRL: peak RSS / TRL's (< 1 = less).",
         f"ours from {args.src}; runs stored in {out_dir.relative_to(ROOT)}/runs (--runs N adds, --fresh redoes)",
-    ]
+        *([f"ours' options: {' '.join(option_args(args, {'base': 'BASE', 'sft_lora': 'SFT'}, 'lora'))}"]
+          if option_suffix(args) else []),
+    ]  # fmt: skip
     text = print_table(rows, title, notes)
     (out_dir / "table.md").write_text(text + "\n")
     (out_dir / "summary.json").write_text(json.dumps({"rows": rows, "machine": machine()}, indent=1))

@@ -7,7 +7,7 @@ import pytest
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.modules.common import OptimSpec
-from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec
+from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec, check_merge_lora, every
 from salsa_lightning.ppo.schedule import optimizer_steps_per_rollout, rollouts_in_run
 
 
@@ -23,6 +23,8 @@ from salsa_lightning.ppo.schedule import optimizer_steps_per_rollout, rollouts_i
         (lambda: PPOSpec(kl_target=0.0), "model.ppo.kl_target"),
         (lambda: PPOSpec(missing_eos_penalty=-1.0), "model.ppo.missing_eos_penalty"),
         (lambda: PPOSpec(max_grad_norm=0.0), "model.ppo.max_grad_norm"),
+        (lambda: PPOSpec(logged_kl_every=0), "model.ppo.logged_kl_every"),
+        (lambda: PPOSpec(logprob_check_every=-1), "model.ppo.logprob_check_every"),
         (lambda: GenerationSpec(max_new_tokens=0), "model.generation.max_new_tokens"),
         (lambda: GenerationSpec(temperature=0.0), "model.generation.temperature"),
         (lambda: GenerationSpec(top_p=0.0), "model.generation.top_p"),
@@ -48,6 +50,23 @@ def test_defaults_are_valid_and_sampling_kwargs_follow_do_sample():
         "top_p": 1.0,
     }
     assert GenerationSpec(do_sample=False, temperature=0.7).sampling_kwargs() == {"do_sample": False}
+
+
+@pytest.mark.parametrize(
+    "layout,quantized,sharded,why",
+    [("full", False, False, "layout: full"), ("lora", True, False, "4-bit"), ("lora", False, True, "FSDP")],
+)
+def test_merge_lora_is_refused_where_it_cannot_work(layout, quantized, sharded, why):
+    with pytest.raises(SalsaError, match="set it to e.g.") as err:
+        check_merge_lora(layout, quantized, sharded)
+    assert "`model.generation.merge_lora` must be false" in str(err.value) and why in str(err.value)
+    check_merge_lora("lora", quantized=False, sharded=False)  # the one place it works
+
+
+def test_every_counts_the_first_rollout_then_every_nth():
+    assert [i for i in range(7) if every(3, i)] == [0, 3, 6]  # rollouts 1, 4, 7
+    assert [i for i in range(3) if every(1, i)] == [0, 1, 2]
+    assert not any(every(0, i) for i in range(5))  # 0 = never
 
 
 def test_optimizer_steps_per_rollout():

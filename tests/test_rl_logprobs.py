@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.rl.logprobs import entropy_from_logits, logprobs_from_logits, response_logits
+from salsa_lightning.rl.logprobs import entropy_from_logits, logprobs_from_logits, response_logits, step_logprobs
 
 
 def naive_logprob(row: list[float], token: int, temperature: float = 1.0) -> float:
@@ -128,3 +128,23 @@ def test_response_logprobs_equal_a_naive_next_token_loop():
         for t in range(R):
             i = P + t  # token i is predicted by position i - 1
             assert lp[b, t].item() == pytest.approx(naive_logprob(logits[b, i - 1].tolist(), seq[b, i].item()))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_logprobs_equal_the_stacked_computation(temperature, dtype):
+    # `generate(output_logits=True)` hands back one (B, V) tensor per step; taken a step at a time they must give
+    # what the (B, T, V) functions give on the stacked logits, and what a naive loop gives
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(3, 11, generator=g).to(dtype) * 3 for _ in range(5)]  # T = 5 steps of (B, V) = (3, 11)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    logp, entropy = step_logprobs(steps, tokens, temperature)
+    stacked = torch.stack(steps, dim=1)  # (B, T, V)
+    assert logp.shape == entropy.shape == (3, 5)
+    torch.testing.assert_close(logp, logprobs_from_logits(stacked, tokens, temperature), rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropy, entropy_from_logits(stacked, temperature), rtol=0, atol=1e-6)
+    for b in range(3):
+        for t in range(5):
+            row = (stacked[b, t] / temperature).float().tolist()  # scaled in the logits' dtype, as the functions do
+            assert logp[b, t].item() == pytest.approx(naive_logprob(row, int(tokens[b, t])), abs=1e-5)
+            assert entropy[b, t].item() == pytest.approx(naive_entropy(row), abs=1e-5)

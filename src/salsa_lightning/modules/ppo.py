@@ -19,6 +19,7 @@ from salsa_lightning.allocator import release_freed_memory
 from salsa_lightning.distributed import FSDPSpec, any_rank, mean_over_ranks, uses_fsdp2, world_size
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import load_tokenizer
+from salsa_lightning.models.quantization import is_quantized
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.modules.common import (
     OptimSpec,
@@ -29,9 +30,9 @@ from salsa_lightning.modules.common import (
     scalar_metrics,
 )
 from salsa_lightning.ppo.anchors import check_roles, check_tokenizers, plan_anchors
-from salsa_lightning.ppo.build import build_stack
+from salsa_lightning.ppo.build import build_stack, resolve_layout
 from salsa_lightning.ppo.callbacks import KLHackCallback, log_samples
-from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec
+from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec, check_merge_lora
 from salsa_lightning.ppo.losses import minibatch_losses
 from salsa_lightning.ppo.rollout import RewardSource, Rollout, collect_rollout
 from salsa_lightning.ppo.schedule import schedule_length
@@ -102,6 +103,9 @@ class PPOModule(L.LightningModule):
         check_roles(self.plan, reward_model)
         self.policy_init, self.reward_model = policy_init, reward_model
         self.layout, self.value_head = layout, value_head
+        if self.gen.merge_lora:  # refused before any model loads (FSDP is refused by `build_stack`, also before)
+            check_merge_lora(resolve_layout(layout, policy_init, self.plan.paths, reward_model),
+                             is_quantized(self.spec), sharded=False)  # fmt: skip
         self.rewards = RewardSource.from_config(reward_model, reward_fn, self.ppo.normalize_reward)
         self.sample_table_every, self.overwrite = sample_table_every, overwrite
         self.output_dir = format_output_dir(output_dir)
@@ -127,7 +131,7 @@ class PPOModule(L.LightningModule):
         if self.stack is None:
             sharding = (self.device_mesh, self.fsdp) if uses_fsdp2(self) else None
             self.stack = build_stack(self.layout, self.spec, self.policy_init, self.plan.paths, self.reward_model,
-                                     self.value_head, sharding, critic=self.ppo.critic)  # fmt: skip
+                                     self.value_head, sharding, self.ppo.critic, self.gen.merge_lora)  # fmt: skip
 
     def configure_optimizers(self):
         from transformers import get_scheduler
@@ -150,10 +154,11 @@ class PPOModule(L.LightningModule):
         # Sampling and minibatch order are a function of (seed, rollout): a resumed run continues exactly, whatever
         # else drew random numbers in between; each rank its own stream (rank 0's is the single-process one)
         try:
-            torch.manual_seed((current_seed() or 0) * 1_000_003 + self.rollouts_done + self.global_rank * 2**32)
+            index = self.rollouts_done  # what the every-N options count: checkpointed, so a resume measures alike
+            torch.manual_seed((current_seed() or 0) * 1_000_003 + index + self.global_rank * 2**32)
             self.rollouts_done += 1
             roll = collect_rollout(self.stack, batch, self.tokenizer, self.gen, self.ppo, self.plan, self.rewards,
-                                   self.kl_ctl.value)  # fmt: skip
+                                   self.kl_ctl.value, index)  # fmt: skip
             release_freed_memory()  # what generation freed is not kept resident beside the update's graphs
             if any_rank(not roll.finite(), self.device):
                 return self._nonfinite("Skipped a PPO update: NaN/inf in the rollout")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -15,9 +15,22 @@ from salsa_lightning.models.loading import (
 )
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.ppo.anchors import InMemorySoup
+from salsa_lightning.ppo.config import check_merge_lora
 from salsa_lightning.ppo.full_stack import FullStack
 from salsa_lightning.ppo.lora_stack import LoraStack
 from salsa_lightning.ppo.stack import Stack
+
+
+def resolve_layout(
+    layout: str, policy_init: str, anchors: dict[str, str | InMemorySoup], reward: str | None
+) -> Literal["full", "lora"]:
+    """`layout` itself, or for `auto`: lora when every model is an adapter, else full."""
+    if layout != "auto":
+        return layout
+    adapters = [policy_init, *([reward] if reward else [])]
+    for anchor in anchors.values():
+        adapters += list(anchor.inputs) if isinstance(anchor, InMemorySoup) else [anchor]
+    return "lora" if all(is_adapter_dir(resolve_model_path(p)) for p in adapters) else "full"
 
 
 def build_stack(
@@ -29,15 +42,17 @@ def build_stack(
     value_head: str,
     sharding: tuple[Any, FSDPSpec] | None = None,
     critic: bool = True,
+    merge_lora: bool = False,
 ) -> Stack:
     """The stack for `layout` (`auto`: lora when every model is an adapter), sharded per decoder layer when
     `sharding` = (device mesh, FSDPSpec) is given, in eval mode (no dropout: rollout and update log-probs must come
-    from the same function). `critic=False`: no value model (critic-free advantage estimators)."""
-    if layout == "auto":
-        adapters = [policy_init, *([reward] if reward else [])]
-        for anchor in anchors.values():
-            adapters += list(anchor.inputs) if isinstance(anchor, InMemorySoup) else [anchor]
-        layout = "lora" if all(is_adapter_dir(resolve_model_path(p)) for p in adapters) else "full"
+    from the same function). `critic=False`: no value model (critic-free advantage estimators). `merge_lora`: the
+    LoRA layout generates with the policy adapter merged (`GenerationSpec.merge_lora`), refused where it cannot."""
+    layout = resolve_layout(layout, policy_init, anchors, reward)
+    if merge_lora:
+        from salsa_lightning.models.quantization import is_quantized
+
+        check_merge_lora(layout, is_quantized(spec), sharding is not None)
     if layout == "full":
         from salsa_lightning.models.quantization import refuse_full_weights
 
@@ -45,11 +60,13 @@ def build_stack(
     # PEFT draws random initial LoRA weights before loading saved ones; fork the RNG so that which anchors are
     # loaded never changes the rollouts (PPO and SALSA runs then share sampling noise)
     with torch.random.fork_rng(devices=[]):
-        cls = FullStack if layout == "full" else LoraStack
-        stack = cls(spec, policy_init, anchors, reward, value_head, sharding, critic)
+        if layout == "full":
+            stack = FullStack(spec, policy_init, anchors, reward, value_head, sharding, critic)
+        else:
+            stack = LoraStack(spec, policy_init, anchors, reward, value_head, sharding, critic, merge_lora)
     if sharding is not None:
         stack.shard(*sharding)
     return stack.eval()
 
 
-__all__ = ["FullStack", "LoraStack", "build_stack"]
+__all__ = ["FullStack", "LoraStack", "build_stack", "resolve_layout"]

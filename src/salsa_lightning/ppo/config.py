@@ -33,6 +33,15 @@ class GenerationSpec:
     """False = greedy rollouts (deterministic; for debugging and for comparing runs, not for training)."""
     min_new_tokens: int = 0
     """EOS is suppressed until a response has this many tokens (0 = off)."""
+    merge_lora: bool = False
+    """LoRA layout: fold the policy adapter into the base weights for `generate` and put the base back afterwards, so
+    each decoding step runs plain matmuls instead of base + adapter (saves the adapters' extra matmuls at every token;
+    the update, the anchors, the reward and the critic still run unmerged). The merge writes into a copy of each
+    targeted base weight and the untouched originals are restored after, so every other adapter's forward reads the
+    same base bit for bit (subtracting the adapter again would not restore it exactly). Memory: one more copy of the
+    targeted base weights (for `all-linear`, nearly the whole decoder) while generation runs. Numbers: the sampled
+    tokens come from `(W + s·BA)x` instead of `Wx + s·B(Ax)`, equal up to float rounding. Refused with a 4-bit
+    (QLoRA) base, under FSDP sharding and in the full layout (nothing to merge)."""
 
     def __post_init__(self) -> None:
         f = "model.generation."
@@ -107,6 +116,22 @@ class PPOSpec:
     kl_in: Literal["reward", "loss"] = "reward"
     """Where the KL penalty to the anchor enters: per token in the reward (PPO, paper eq. 2/4), or as
     `kl_coef · mean(k3)` in the loss (GRPO's form)."""
+    rollout_logprobs: bool = False
+    """Take the "old" log-probs (and `objective/entropy`) from the logits `generate` computed while sampling, at the
+    sampling temperature, instead of a separate policy forward after generation (TRL does this): saves one policy
+    forward over every rollout. Numbers: decoding with a KV cache does not round exactly like one forward over the
+    whole sequence (~1e-6 in float32, more in bf16), so the first minibatch's ratios, and the KL to an anchor equal to
+    the policy, start that far from 1 and 0; see `logprob_check_every`."""
+    logprob_check_every: int = 10
+    """With `rollout_logprobs`: on every N-th rollout (the 1st, 1+N-th, ...) also run the policy forward it saves and
+    log `rollout/logprob_diff`, the mean absolute difference over real tokens between the generation's log-probs and
+    the recomputed ones (0 = never; ignored without `rollout_logprobs`). The default measures the drift at a tenth
+    of the cost saved."""
+    logged_kl_every: int = 1
+    """Run the forward of the anchors that only feed logging (those measured but not in the penalty: the soup when
+    `anchor: init`, `init` when `anchor: soup`) on every N-th rollout only (the 1st, 1+N-th, ...; counted in
+    rollouts, so a resumed run measures the same ones). In between their `objective/kl_<name>` is absent from the
+    logs, not zero. Saves (N-1)/N of those forwards; the update's numbers are the same for every N."""
 
     @property
     def critic(self) -> bool:
@@ -159,6 +184,28 @@ class PPOSpec:
             _finite(self.max_grad_norm) and self.max_grad_norm > 0, f + "max_grad_norm", self.max_grad_norm, "> 0", 1.0
         )
         _check(self.max_nonfinite_in_a_row >= 1, f + "max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, ">= 1", 3)
+        _check(
+            self.logprob_check_every >= 0, f + "logprob_check_every", self.logprob_check_every, ">= 0 (0 = never)", 10
+        )
+        _check(self.logged_kl_every >= 1, f + "logged_kl_every", self.logged_kl_every, "at least 1", 4)
+
+
+def every(n: int, index: int) -> bool:
+    """Whether the rollout `index` (0-based) is one of an every-`n` option's: the 1st, 1+n-th, ... (n = 0: never)."""
+    return n > 0 and index % n == 0
+
+
+def check_merge_lora(layout: str, quantized: bool, sharded: bool) -> None:
+    """`generation.merge_lora` where it cannot work, refused in one sentence before any model loads. Not in
+    `GenerationSpec.__post_init__`: the layout, the quantisation and the strategy are other settings."""
+    f, why = "model.generation.merge_lora", None
+    if layout != "lora":
+        why = "false with `layout: full`, which holds no adapter to merge"
+    elif quantized:
+        why = "false with a 4-bit (QLoRA) base, whose packed weights cannot take the adapter exactly"
+    elif sharded:
+        why = "false under FSDP sharding, where no rank holds the whole weights to merge into"
+    _check(why is None, f, True, why, False)
 
 
 @dataclass
@@ -184,4 +231,4 @@ class KLHackSpec:
         _check(self.patience >= 1, f + "patience", self.patience, "at least 1", 2)
 
 
-__all__ = ["GenerationSpec", "KLHackSpec", "PPOSpec"]
+__all__ = ["GenerationSpec", "KLHackSpec", "PPOSpec", "check_merge_lora", "every"]

@@ -4,8 +4,11 @@ active adapter, not from a second model, so peak memory stays near one base mode
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +51,14 @@ class LoraStack(nn.Module):
         value_head: str,
         sharding: tuple[Any, FSDPSpec] | None = None,
         critic: bool = True,
+        merge_lora: bool = False,
     ):
         """`sharding` (FSDP2, bf16/fp32 base): the base is built on the meta device and `shard` reads only each
-        rank's rows of the base checkpoint and of every adapter, so no rank holds the whole base."""
+        rank's rows of the base checkpoint and of every adapter, so no rank holds the whole base. `merge_lora`:
+        `generate` runs with the policy adapter merged into the base (`merged_policy`; `build_stack` refuses it
+        where it cannot work)."""
         super().__init__()
+        self.merge_lora = merge_lora
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
@@ -117,6 +124,8 @@ class LoraStack(nn.Module):
             self.value_head.requires_grad_(True)
             self._trainable.add("value")
         self._set_flags()
+        if merge_lora:
+            self._refuse_tied_merge_targets()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -179,8 +188,56 @@ class LoraStack(nn.Module):
 
     def generate(self, **kwargs) -> torch.Tensor:
         self._use(POLICY)
-        with _generation_context(unwrap(self.model), self.fsdp):
+        merged = self.merged_policy() if self.merge_lora else contextlib.nullcontext()
+        with _generation_context(unwrap(self.model), self.fsdp), merged:
             return self.model.generate(**kwargs)
+
+    def _policy_lora_layers(self) -> Iterator[tuple[str, Any]]:
+        """(name, layer) of every PEFT LoRA layer that carries the policy adapter."""
+        from peft.tuners.lora import LoraLayer
+
+        for name, layer in self.model.named_modules():
+            if isinstance(layer, LoraLayer) and POLICY in {*layer.lora_A, *layer.lora_embedding_A}:
+                yield name, layer
+
+    def _refuse_tied_merge_targets(self) -> None:
+        """A base weight tied to another module (an LM head targeted with tied embeddings) would carry the merge into
+        that module too, which the unmerged policy does not do."""
+        uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+        for name, layer in self._policy_lora_layers():
+            if uses[id(layer.get_base_layer().weight)] > 1:
+                raise SalsaError(
+                    f"`model.generation.merge_lora` cannot merge the policy adapter into {name}, whose base weight is "
+                    "tied to another module; set merge_lora to false, or train the adapter without that module."
+                )
+
+    @contextlib.contextmanager
+    def merged_policy(self) -> Iterator[None]:
+        """The policy adapter folded into the base weights while the block runs (PEFT's `merge`: a merged layer
+        computes `(W + s·BA)x`, one matmul, instead of `Wx + s·B(Ax)`).
+
+        PEFT's `unmerge` subtracts the adapter again, which in floating point does not give W back bit for bit, and
+        every other adapter (anchors, reward, value) reads W. So each targeted base weight is swapped for a copy, the
+        merge writes into the copy, and afterwards the untouched original is put back (a pointer swap, no second
+        copy). Memory: one copy of the targeted base weights (for `all-linear`, nearly the whole decoder) while the
+        block runs, plus PEFT's per-layer ΔW while merging."""
+        swapped: list[tuple[Any, nn.Module, dict[str, torch.Tensor]]] = []
+        try:
+            with torch.no_grad():
+                for _, layer in self._policy_lora_layers():
+                    base = layer.get_base_layer()
+                    names = ["weight", *(["bias"] if layer.lora_bias.get(POLICY) else [])]
+                    swapped.append((layer, base, {n: getattr(base, n).data for n in names}))
+                    for n in names:
+                        getattr(base, n).data = getattr(base, n).data.clone()
+                    layer.merge(adapter_names=[POLICY])  # in place, into the copy
+            yield
+        finally:
+            for layer, base, originals in swapped:
+                for n, original in originals.items():
+                    getattr(base, n).data = original
+                if POLICY in layer.merged_adapters:
+                    layer.merged_adapters.remove(POLICY)
 
     def logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:
         self._use(name)

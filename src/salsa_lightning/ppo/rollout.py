@@ -19,7 +19,7 @@ from salsa_lightning.distributed import mean_over_ranks, sum_over_ranks, world_s
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import canonical_model_ref, resolve_model_path
 from salsa_lightning.ppo.anchors import AnchorPlan
-from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
+from salsa_lightning.ppo.config import GenerationSpec, PPOSpec, every
 from salsa_lightning.ppo.stack import POLICY, Stack
 from salsa_lightning.reward.model import normalization_stats, reward_max_length
 from salsa_lightning.reward.scoring import encode_for_reward
@@ -169,8 +169,13 @@ def collect_rollout(
     plan: AnchorPlan,
     rewards: RewardSource,
     kl_coef: float,
+    index: int = 0,
 ) -> Rollout:
+    """Sample, score and measure one rollout batch. `index`: the 0-based number of this rollout in the run, which the
+    every-N options (`ppo.logged_kl_every`, `ppo.logprob_check_every`) count, so a resumed run measures the same
+    rollouts as an uninterrupted one."""
     timings: dict[str, float] = {}
+    extra: dict[str, torch.Tensor] = {}  # measurements taken on some rollouts only
     batch = repeat_prompts(batch, ppo.n_samples_per_prompt)
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     t0 = time.perf_counter()
@@ -184,8 +189,13 @@ def collect_rollout(
         # sharded: every rank must run every forward (each gathers layers from all), so ranks that finish
         # early keep stepping until the slowest one is done
         synced_gpus=world_size() > 1 and getattr(stack, "fsdp", None) is not None,
+        # the raw logits of each sampling step: the "old" log-probs without a policy forward afterwards
+        **({"output_logits": True, "return_dict_in_generate": True} if ppo.rollout_logprobs else {}),
         **gen.sampling_kwargs(),
     )
+    step_logits = None
+    if ppo.rollout_logprobs:
+        out, step_logits = out.sequences, out.logits  # (B, P + R); R tensors (B, V), float32
     timings["time/generate"] = time.perf_counter() - t0
     response = out[:, prompt_ids.shape[1] :]  # (B, R)
     resp_mask = rl.response_mask(response, tokenizer.eos_token_id)  # (B, R) bool
@@ -201,11 +211,20 @@ def collect_rollout(
     mask = torch.cat([prompt_mask, resp_mask.long()], dim=1)  # (B, L)
     pos = rl.position_ids_from_mask(mask)  # (B, L)
     T = gen.temperature
-    logits = stack.logits(POLICY, ids, mask, pos, response.shape[1] + 1)  # (B, R+1, V)
-    logp = rl.logprobs_from_logits(rl.response_logits(logits, response.shape[1]), response, T)  # (B, R)
-    entropy = rl.entropy_from_logits(rl.response_logits(logits, response.shape[1]), T)  # (B, R)
-    del logits
-    anchor_logp = {name: response_logprobs(stack, name, ids, mask, pos, response, T) for name in plan.paths}
+    if step_logits is not None:
+        logp, entropy = rl.step_logprobs(step_logits, response, T)  # (B, R) each
+        del step_logits
+        if every(ppo.logprob_check_every, index):  # the drift from decoding with a KV cache, at the forward's cost
+            recomputed = response_logprobs(stack, POLICY, ids, mask, pos, response, T)  # (B, R)
+            extra["rollout/logprob_diff"] = rl.masked_mean((logp - recomputed).abs(), resp_mask)
+    else:
+        logits = stack.logits(POLICY, ids, mask, pos, response.shape[1] + 1)  # (B, R+1, V)
+        logp = rl.logprobs_from_logits(rl.response_logits(logits, response.shape[1]), response, T)  # (B, R)
+        entropy = rl.entropy_from_logits(rl.response_logits(logits, response.shape[1]), T)  # (B, R)
+        del logits
+    # the penalty's anchors every rollout; those only logged (plan.logged, not plan.names) every logged_kl_every-th
+    measured = [n for n in plan.paths if n in plan.names or every(ppo.logged_kl_every, index)]
+    anchor_logp = {name: response_logprobs(stack, name, ids, mask, pos, response, T) for name in measured}
     values = rl.response_logits(stack.values(ids, mask, pos), response.shape[1]) if ppo.critic else None  # (B, R)
     timings["time/forward"] = time.perf_counter() - t0
 
@@ -215,7 +234,7 @@ def collect_rollout(
         if len(refs) == 1
         else rl.multi_anchor_kl(logp, refs, ppo.kl_estimator)
     )
-    named_kls = {n: rl.kl_penalty(logp, anchor_logp[n], ppo.kl_estimator) for n in plan.logged}
+    named_kls = {n: rl.kl_penalty(logp, anchor_logp[n], ppo.kl_estimator) for n in plan.logged if n in anchor_logp}
     scores = rl.apply_missing_eos_penalty(raw_scores, has_eos, ppo.missing_eos_penalty)
     shaped = rl.shape_rewards(scores, kl, resp_mask, kl_coef if ppo.kl_in == "reward" else 0.0)
     all_reduce = sum_over_ranks if world_size() > 1 else None
@@ -223,6 +242,7 @@ def collect_rollout(
     metrics = rl.rollout_metrics(scores, shaped, kl, resp_mask, has_eos, entropy, named_kls, all_reduce=all_reduce)
     if values is not None:
         metrics["val/explained_variance"] = rl.explained_variance(values, returns, resp_mask, all_reduce=all_reduce)
+    metrics.update(extra)
     metrics = mean_over_ranks(metrics, counts=COUNT_METRICS, exact=GLOBAL_METRICS)
     return Rollout(
         ids=ids, mask=mask, pos=pos, response=response, resp_mask=resp_mask, logp=logp,

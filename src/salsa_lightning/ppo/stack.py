@@ -32,7 +32,9 @@ class Stack(Protocol):
     layout: str  # "full" or "lora": what the stage output holds
 
     def generate(self, **generate_kwargs) -> torch.Tensor:
-        """The policy's `generate` (sharded: with its layers gathered for the whole call)."""
+        """The policy's `generate` (sharded: with its layers gathered for the whole call; LoRA layout with
+        `merge_lora`: with the policy adapter merged into the base). Returns what transformers' `generate` returns:
+        the sequences, or its output object with `return_dict_in_generate=True`."""
 
     def logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:
         """(B, keep, V) logits of the policy (`name="policy"`) or of the anchor `name`, for the last `keep`

@@ -45,7 +45,7 @@ from salsa_lightning.rl.advantages import (
 from salsa_lightning.rl.gae import GAEOutput, compute_gae
 from salsa_lightning.rl.kl import KL_ESTIMATORS, get_kl_estimator, kl_k1, kl_k2, kl_k3, kl_penalty, multi_anchor_kl
 from salsa_lightning.rl.kl_control import AdaptiveKLController, FixedKLController, KLController, make_kl_controller
-from salsa_lightning.rl.logprobs import entropy_from_logits, logprobs_from_logits, response_logits
+from salsa_lightning.rl.logprobs import entropy_from_logits, logprobs_from_logits, response_logits, step_logprobs
 from salsa_lightning.rl.losses import (
     PolicyLossOutput,
     ValueLossOutput,
@@ -130,6 +130,7 @@ __all__ = [
     "rloo_advantages",
     "rollout_metrics",
     "shape_rewards",
+    "step_logprobs",
     "update_metrics",
     "value_loss",
 ]

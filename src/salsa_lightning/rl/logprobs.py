@@ -10,6 +10,8 @@ generation at temperature τ means log-probs of `logits / τ` (TRL and OpenRLHF 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from salsa_lightning.errors import SalsaError
@@ -72,6 +74,21 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     if temperature != 1.0:
         logits = logits / temperature  # (B, T, V)
     return torch.stack([_entropy(row.float() if row.dtype in _LOW_PRECISION else row) for row in logits])  # (B, T)
+
+
+def step_logprobs(
+    step_logits: Sequence[torch.Tensor], tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropies), both (B, T), of `tokens` (B, T) from `generate`'s raw per-step logits
+    (`output_logits=True`: T tensors (B, V), step t's the distribution that produced `tokens[:, t]`), by
+    `logprobs_from_logits` and `entropy_from_logits` themselves, so the same numbers as on the stacked (B, T, V).
+
+    Memory: one step at a time (each (B, V) taken as one "sequence" of B positions), so no (B, T, V) copy is made
+    beside the T tensors `generate` already holds.
+    """
+    logp = [logprobs_from_logits(z[None], tokens[None, :, t], temperature)[0] for t, z in enumerate(step_logits)]
+    entropy = [entropy_from_logits(z[None], temperature)[0] for z in step_logits]
+    return torch.stack(logp, dim=1), torch.stack(entropy, dim=1)  # (B, T) each
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:

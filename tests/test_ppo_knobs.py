@@ -1,0 +1,255 @@
+"""Issue 16's "do less work per update" options, each off by default: log-probs from the generation's own logits
+(`ppo.rollout_logprobs`), the logging-only anchors measured every N-th rollout (`ppo.logged_kl_every`), and the
+policy adapter merged for generation (`generation.merge_lora`). Each either changes no number of the update or
+changes it only by float rounding, and each does skip the work it says it skips."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from helpers import shorter_is_better
+from test_ppo import assert_same_curves, curves, run, run_fails
+
+from salsa_lightning.errors import SalsaError
+from salsa_lightning.models.loading import ModelSpec, load_tokenizer
+from salsa_lightning.ppo.anchors import plan_anchors
+from salsa_lightning.ppo.build import build_stack
+from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
+from salsa_lightning.ppo.losses import minibatch_loss
+from salsa_lightning.ppo.rollout import RewardSource, collect_rollout
+from salsa_lightning.rl.sequences import position_ids_from_mask
+
+FP32 = ModelSpec(dtype="float32")
+
+
+@pytest.fixture
+def pipeline(ppo_pipeline):
+    return ppo_pipeline
+
+
+@pytest.fixture
+def prompts(pipeline):
+    """(tokenizer, one left-padded batch of 4 prompts)."""
+    from salsa_lightning.data.prompts import PromptDataModule
+
+    tok = load_tokenizer(str(pipeline / "sft1"), padding_side="left")
+    dm = PromptDataModule(str(pipeline / "prompts.jsonl"), tok, batch_size=4)
+    dm.setup()
+    return tok, next(iter(dm.train_dataloader()))
+
+
+def counted(stack, monkeypatch) -> Counter:
+    """Counts `stack.logits` calls by model name (policy or anchor)."""
+    calls: Counter = Counter()
+    real = stack.logits
+
+    def spy(name, *args, **kwargs):
+        calls[name] += 1
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(stack, "logits", spy)
+    return calls
+
+
+class WithEOS:
+    """The tokenizer with another token id as EOS: one the tiny model samples early in a response, so that responses
+    end early and the padding after EOS is exercised (its real EOS is one of 384 tokens, rarely drawn in 8)."""
+
+    def __init__(self, tokenizer, eos_token_id: int):
+        self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def collector(stack, prompts, plan, gen=None, tok=None):
+    tok, batch = (tok or prompts[0]), prompts[1]
+    gen = gen or GenerationSpec(max_new_tokens=8)
+
+    def collect(ppo: PPOSpec, index: int = 0, seed: int = 0):
+        torch.manual_seed(seed)  # the same sampling noise for every option
+        return collect_rollout(
+            stack, batch, tok, gen, ppo, plan, RewardSource(reward_fn=shorter_is_better), 0.05, index
+        )
+
+    return collect
+
+
+# ---------------------------------------------------------------- ppo.rollout_logprobs
+@pytest.mark.parametrize("layout", ["lora", "full"])
+def test_rollout_logprobs_match_the_recomputed_ones_without_the_policy_forward(pipeline, prompts, layout, monkeypatch):
+    plan = plan_anchors(str(pipeline / "sft1"), "init")
+    stack = build_stack(layout, FP32, plan.policy_init, plan.paths, None, "copy")
+    third = collector(stack, prompts, plan)(PPOSpec()).response[0, 2]  # the same noise: row 0 then ends by its 3rd
+    calls = counted(stack, monkeypatch)
+    collect = collector(stack, prompts, plan, tok=WithEOS(prompts[0], int(third)))
+
+    ref = collect(PPOSpec())
+    assert calls["policy"] == 1 and "rollout/logprob_diff" not in ref.metrics
+    calls.clear()
+    fast = collect(PPOSpec(rollout_logprobs=True, logprob_check_every=0))
+    assert calls["policy"] == 0 and calls["init"] == 1  # the policy forward is skipped, the anchor's is not
+    real = ref.resp_mask
+    assert torch.equal(fast.response, ref.response) and torch.equal(fast.resp_mask, real)  # the same samples
+    assert 0 < real.sum() < real.numel()  # some responses ended early: padding is exercised
+    torch.testing.assert_close(fast.logp[real], ref.logp[real], rtol=0, atol=1e-5)  # KV-cache rounding only
+    for k in ("objective/entropy", "objective/kl", "objective/kl_init", "objective/scores"):
+        torch.testing.assert_close(fast.metrics[k], ref.metrics[k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.advantages, ref.advantages, rtol=1e-4, atol=1e-4)
+
+    # the drift check runs the forward it saves, on the 1st, 11th, ... rollout only
+    calls.clear()
+    checked = collect(PPOSpec(rollout_logprobs=True), index=0)
+    assert calls["policy"] == 1
+    diff = checked.metrics["rollout/logprob_diff"]
+    assert diff == pytest.approx(float((checked.logp - ref.logp).abs()[real].mean()), abs=1e-7) and diff < 1e-5
+    torch.testing.assert_close(checked.logp, fast.logp, rtol=0, atol=0)  # the check never replaces the log-probs
+    calls.clear()
+    assert "rollout/logprob_diff" not in collect(PPOSpec(rollout_logprobs=True), index=1).metrics
+    assert calls["policy"] == 0
+    assert "rollout/logprob_diff" in collect(PPOSpec(rollout_logprobs=True), index=10).metrics
+
+
+def test_rollout_logprobs_train_like_the_recomputed_ones(pipeline):
+    common = ("--trainer.max_steps=8", "--model.optim.lr=1e-2")
+    ref = curves(run(pipeline, *common))
+    fast = curves(run(pipeline, *common, "--model.ppo.rollout_logprobs=true", "--model.ppo.logprob_check_every=1"))
+    assert all(0 <= h.pop("rollout/logprob_diff") < 1e-5 for h in fast)
+    assert_same_curves(ref, fast, rel=1e-3)
+
+
+# ---------------------------------------------------------------- ppo.logged_kl_every
+@pytest.mark.parametrize("anchor,logged_only", [("init", "soup"), ("soup", "init")])
+def test_logging_only_anchors_run_every_nth_rollout_and_change_no_number(pipeline, prompts, anchor, logged_only,
+                                                                         monkeypatch):  # fmt: skip
+    plan = plan_anchors(str(pipeline / "sft1"), anchor, soup=str(pipeline / "soup"))
+    assert plan.names == (anchor,) and set(plan.logged) == {"init", "soup"}
+    stack = build_stack("lora", FP32, plan.policy_init, plan.paths, None, "copy")
+    calls = counted(stack, monkeypatch)
+    collect = collector(stack, prompts, plan)
+    ppo, every2 = PPOSpec(), PPOSpec(logged_kl_every=2)
+    for index in range(4):  # rollouts 1-4: the logging-only anchor on rollouts 1 and 3
+        calls.clear()
+        a, b = collect(ppo, index, seed=index), collect(every2, index, seed=index)
+        assert calls[anchor] == 2 and calls[logged_only] == 1 + (index % 2 == 0)
+        key = f"objective/kl_{logged_only}"
+        assert (key in b.metrics) == (index % 2 == 0)  # absent in between: not zero, not stale
+        assert b.metrics.keys() | {key} == a.metrics.keys()
+        for k in b.metrics:
+            assert torch.equal(a.metrics[k], b.metrics[k]), k
+        for name in ("logp", "anchor_logp", "advantages", "returns", "values", "scores", "response_kl"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        rows = torch.arange(4)
+        (loss_a, stats_a), (loss_b, stats_b) = (minibatch_loss(stack, r.rows(rows), ppo, GenerationSpec(), 0.05)
+                                                for r in (a, b))  # fmt: skip
+        assert torch.equal(loss_a, loss_b) and all(torch.equal(stats_a[k], stats_b[k]) for k in stats_a)
+
+
+def test_logged_kl_every_counts_rollouts_through_the_module(pipeline):
+    common = ("--trainer.max_epochs=2", "--model.optim.lr=1e-2", f"--model.soup={pipeline / 'soup'}")  # 4 rollouts
+    every1 = curves(run(pipeline, *common))
+    every2 = curves(run(pipeline, *common, "--model.ppo.logged_kl_every=2"))
+    assert [("objective/kl_soup" in h) for h in every2] == [True, False, True, False]
+    for i in (1, 3):
+        every1[i].pop("objective/kl_soup")
+    assert_same_curves(every1, every2, rel=0)  # the update never reads the logging-only KL
+
+
+def test_resume_measures_the_same_rollouts_as_an_uninterrupted_run(pipeline, tmp_path):
+    # the every-N options count rollouts (checkpointed), so a run killed after rollout 1 and resumed measures on
+    # rollout 3 again, not on its own 1st
+    common = ("--model.optim.lr=1e-2", "--trainer.enable_checkpointing=true", "--trainer.limit_train_batches=1",
+              "--trainer.max_epochs=3", f"--model.soup={pipeline / 'soup'}", "--model.ppo.logged_kl_every=2",
+              "--model.ppo.rollout_logprobs=true", "--model.ppo.logprob_check_every=2")  # fmt: skip
+    whole = run(pipeline, *common, f"--trainer.default_root_dir={tmp_path / 'a'}")
+    run(pipeline, *common, f"--trainer.default_root_dir={tmp_path / 'b'}", "--trainer.callbacks+=helpers.KillAfterEpochs",
+        "--trainer.callbacks.epochs=1")  # fmt: skip
+    ckpt = next((tmp_path / "b").rglob("*.ckpt"))
+    resumed = run(pipeline, *common, f"--trainer.default_root_dir={tmp_path / 'c'}", f"--ckpt_path={ckpt}")
+    measured = [("objective/kl_soup" in h, "rollout/logprob_diff" in h) for h in curves(resumed)]
+    assert measured == [(True, True), (False, False), (True, True)]
+    assert_same_curves(curves(whole), curves(resumed))
+
+
+# ---------------------------------------------------------------- generation.merge_lora
+def test_merged_generation_samples_alike_and_leaves_the_base_bit_identical(pipeline, prompts):
+    tok, batch = prompts
+    anchors = {"init": str(pipeline / "sft1"), "soup": str(pipeline / "soup")}
+    stack = build_stack("lora", FP32, str(pipeline / "sft1"), anchors, str(pipeline / "rm"), "copy", merge_lora=True)
+    frozen = {n: p.detach().clone() for n, p in stack.named_parameters() if not p.requires_grad}
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pos = position_ids_from_mask(mask)
+
+    def outputs() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            out = {n: stack.logits(n, ids, mask, pos) for n in ("policy", "init", "soup")}
+            return {**out, "reward": stack.reward_scores(ids, mask), "value": stack.values(ids, mask, pos)}
+
+    before = outputs()
+    lora_a = next(m for n, m in stack.model.named_modules() if n.endswith("q_proj.lora_A.policy"))
+    adapter_calls = Counter()
+    lora_a.register_forward_hook(lambda *_: adapter_calls.update(["policy"]))
+
+    def generate(merge: bool) -> tuple[torch.Tensor, int]:
+        stack.merge_lora = merge
+        adapter_calls.clear()
+        with torch.no_grad():
+            out = stack.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+        return out, adapter_calls["policy"]
+
+    (plain, plain_calls), (merged, merged_calls) = generate(False), generate(True)
+    assert plain_calls > 0 and merged_calls == 0  # merged: the adapter's matmuls do not run while decoding
+    assert torch.equal(plain, merged)  # greedy: the same tokens
+    for n, p in stack.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n  # the base (and every frozen adapter) bit for bit
+    after = outputs()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k  # policy, anchors, reward and critic exactly as before
+    assert not any(getattr(m, "merged_adapters", []) for m in stack.model.modules())
+
+    q_proj = next(m for n, m in stack.model.named_modules() if n.endswith("q_proj.base_layer"))
+    original = q_proj.weight.detach().clone()
+    seen = []
+
+    def failing_generate(**kwargs):
+        seen.append(not torch.equal(q_proj.weight, original))  # the adapter is merged into the base meanwhile
+        raise RuntimeError("out of memory")
+
+    stack.model.generate = failing_generate  # a failed generation still puts the base back
+    with pytest.raises(RuntimeError):
+        stack.generate(input_ids=ids)
+    assert seen == [True]
+    assert all(torch.equal(p, frozen[n]) for n, p in stack.named_parameters() if not p.requires_grad)
+
+
+def test_merge_lora_trains_like_the_unmerged_policy(pipeline):
+    common = ("--trainer.max_steps=8", "--model.optim.lr=1e-2", "--model.layout=lora")
+    plain = curves(run(pipeline, *common))
+    merged = curves(run(pipeline, *common, "--model.generation.merge_lora=true"))
+    assert_same_curves(plain, merged, rel=1e-5)
+
+
+def test_merge_lora_is_refused_where_there_is_nothing_to_merge(pipeline, capsys):
+    from helpers import ppo_args
+
+    args = ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), "--model.layout=full",
+                    "--model.generation.merge_lora=true", reward=str(pipeline / "rm"))  # fmt: skip
+    msg = run_fails(args, capsys)
+    assert "`model.generation.merge_lora` must be false with `layout: full`" in msg
+    from salsa_lightning.distributed import FSDPSpec
+
+    with pytest.raises(SalsaError, match="FSDP"):  # before any model is built
+        build_stack("lora", FP32, str(pipeline / "sft1"), {}, None, "copy", (None, FSDPSpec()), merge_lora=True)
+
+    # a targeted base weight tied to another module (as an LM head with tied embeddings would be) would carry the
+    # merge into that module too
+    stack = build_stack("lora", FP32, str(pipeline / "sft1"), {}, None, "copy", merge_lora=True)
+    layers = dict(stack.model.named_modules())
+    first, second = (layers[f"base_model.model.model.layers.{i}.self_attn.q_proj"] for i in (0, 1))
+    second.base_layer.weight = first.base_layer.weight
+    with pytest.raises(SalsaError, match="tied to another module"):
+        stack._refuse_tied_merge_targets()
