@@ -272,3 +272,23 @@ def test_quickstart_landscape_config_parses(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert len(printed["seeds"]) == 3 and printed["extrapolate"] is True
     assert printed["line"]["start"] < 0 < 1 < printed["line"]["stop"] and printed["plane"]["margin"] > 0
+
+
+def test_the_three_judged_stages_share_one_settings_dataclass():
+    """evaluate, landscape and the soup report inherit their generation/judging fields from `JudgedGeneration`, and
+    the landscape's and the soup report's fields keep the order users know (their YAML keys are unchanged)."""
+    from dataclasses import fields
+
+    from salsa_lightning.evaluation.config import EvalConfig
+    from salsa_lightning.evaluation.settings import JudgedGeneration
+    from salsa_lightning.soup.config import SoupReport
+
+    shared = [f.name for f in fields(JudgedGeneration)]
+    assert shared[:2] == ["limit", "judges"] and shared[-1] == "dtype"
+    for cls in (EvalConfig, LandscapeConfig, SoupReport):
+        assert issubclass(cls, JudgedGeneration)
+    assert [f.name for f in fields(SoupReport)] == ["eval_file", *shared]
+    landscape = [f.name for f in fields(LandscapeConfig)]
+    assert landscape[: 5 + len(shared)] == ["seeds", "line", "plane", "extrapolate", "eval_file", *shared]
+    head = ["systems", "pairs", "eval_files", "hub_splits", "prompt_columns"]
+    assert [f.name for f in fields(EvalConfig)][:5] == head

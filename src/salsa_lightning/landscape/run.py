@@ -26,6 +26,7 @@ from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluation.checks import check_generation_settings
 from salsa_lightning.evaluation.generation import encode_prompts
 from salsa_lightning.evaluation.runtime import default_device, model_signature
+from salsa_lightning.evaluation.settings import generation_settings
 from salsa_lightning.evaluation.splits import load_split
 from salsa_lightning.landscape import report
 from salsa_lightning.landscape.config import LandscapeConfig
@@ -70,20 +71,6 @@ def _validate(cfg: LandscapeConfig) -> list[Point]:
 
 
 # ---------------------------------------------------------------- the response cache
-def _settings(cfg: LandscapeConfig) -> dict[str, Any]:
-    """Everything besides the weights and prompts that decides a point's responses and log-probs."""
-    return {
-        "dtype": cfg.dtype,
-        "max_new_tokens": cfg.max_new_tokens,
-        "max_prompt_length": cfg.max_prompt_length,
-        "do_sample": cfg.do_sample,
-        "temperature": cfg.temperature if cfg.do_sample else None,
-        "seed": cfg.seed if cfg.do_sample else None,
-        "batch_size": cfg.batch_size,  # batching changes greedy results at the rounding level
-        "device": str(default_device()),
-    }
-
-
 def cache_key(seed_signatures: list[Any], weights: tuple[float, ...], messages: list, settings: dict) -> str:
     content = {"seeds": seed_signatures, "weights": list(weights), "prompts": messages, **settings}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
@@ -158,7 +145,7 @@ def run_landscape(cfg: LandscapeConfig, quiet: bool = False) -> dict[str, Any]:
     tokenizer = load_tokenizer(ModelSpec(cfg.seeds[0]), padding_side="left")
     prompt_ids, truncated = encode_prompts(tokenizer, prompts.messages, cfg.max_prompt_length)
     signatures = [model_signature(p) for p in cfg.seeds]
-    settings = _settings(cfg)
+    settings = {**generation_settings(cfg), "device": str(default_device())}  # what decides responses
     runs = [PointRun(p, cache_key(signatures, p.weights, prompts.messages, settings)) for p in points]
     sources = _cache_sources(cfg)
     todo = [r for r in runs if not _from_cache(r, sources, len(prompt_ids), references(r.point, n))]
