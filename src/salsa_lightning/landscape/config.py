@@ -4,8 +4,12 @@ generation and judging settings it shares with `evaluate` and the soup report ar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from salsa_lightning.evaluation.llm_judge import LLMJudgeSpec
 from salsa_lightning.evaluation.settings import JudgedGeneration
+
+Reference = Literal["seed1", "seed2", "seed3", "soup"]
 
 
 @dataclass
@@ -60,15 +64,23 @@ class LandscapeGrid:
 
 @dataclass
 class LandscapeConfig(JudgedGeneration, EvalFile, LandscapeGrid):  # the last base's fields first (JudgedGeneration)
-    """Gold score / reward over soups of two or three SFT seeds: a line and a plane, inside and beyond the seeds
-    (paper Fig. 2), plus the soup report (each seed and the uniform soup: scores and KL between them)."""
+    """Gold score / reward / llm-judge win rate over soups of two or three SFT seeds: a line and a plane, inside and
+    beyond the seeds (paper Fig. 2), plus the soup report (each seed and the uniform soup: scores and KL between them)."""
 
+    llm_judge: LLMJudgeSpec | None = None
+    """The `llm` judge's endpoint, model, key variable and prompt template (needed when `judges` lists llm)."""
+    llm_reference: Reference = "seed1"
+    """What the llm judge compares every point with, prompt by prompt: `seed1`, `seed2`, `seed3` or `soup` (the
+    uniform soup). Each point gets the mean of win 1 / tie ½ / loss 0 against it (`llm_win_vs_<reference>`); the
+    reference's own value is ½ by definition (its responses against themselves, asked of no one)."""
     output_dir: str = "outputs/quickstart/landscape"
-    """Where to write points.csv/json, the plots, the soup report, responses, config.yaml and salsa_manifest.json."""
+    """Where to write points.csv/json, the plots, the soup report, responses, judgements.jsonl, config.yaml and
+    salsa_manifest.json."""
     overwrite: bool = False
     """Replace `output_dir` if it exists (the old one is removed only after the new one is complete)."""
     reuse_responses: bool = True
     """Take a point's responses and KL from the cache when its weights, the seeds' files, the prompts and the
     generation settings are unchanged: from `output_dir` when overwriting, and from `cache_dir`."""
     cache_dir: str | None = None
-    """A response cache shared between runs (e.g. a finer grid in another `output_dir`); default none."""
+    """A response cache shared between runs (e.g. a finer grid in another `output_dir`), which also keeps the llm
+    judge's replies (judgements.jsonl); default none."""

@@ -6,6 +6,10 @@ the point at the soup's weights; one in-memory model set to each in turn through
 (`landscape.models`), generated from, judged and measured by the landscape's own functions (`landscape.points`; the
 settings checked and the prompts loaded by `landscape.run`'s), and tabulated by `landscape.report`. So a landscape's
 soup report and this one are the same numbers for the same seeds.
+
+Its judges are `gold` and `reward`; the llm judge is left out (`report.judges` refuses it). `landscape` with
+`judges: [..., llm]` gives the seeds and the soup their llm win rate against `llm_reference`, in its points and in
+its soup report.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def plan_report(cfg: SoupConfig, input_format: str) -> ReportPlan:
     settings = LandscapeConfig(seeds=list(cfg.inputs), line=None, plane=None, extrapolate=cfg.allow_extrapolation,
                                output_dir=cfg.output_dir, **shared)  # fmt: skip
     try:
-        validate_judging(settings)
+        validate_judging(settings, judges=("gold", "reward"))  # the llm judge needs a reference point
         prompts = load_eval_prompts(rep.eval_file, rep.limit, "gold" in rep.judges)
     except SalsaError as err:
         raise SalsaError(f"In the soup's `report`: {err}") from err
