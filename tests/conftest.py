@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny in-process models (no network), GPU auto-skip."""
+"""Shared fixtures: tiny in-process models and a scripted llm-judge endpoint (no network), GPU auto-skip."""
 
 from __future__ import annotations
 
@@ -67,3 +67,34 @@ def ppo_pipeline(tiny_model_dir, tmp_path_factory):
     main(["soup", f"--inputs=[{root / 'sft1'},{root / 'sft1-copy'}]", f"--output_dir={root / 'soup-identical'}"])
     main(["soup", f"--inputs=[{root / 'sft1'},{root / 'sft2'}]", f"--output_dir={root / 'soup'}"])
     return root
+
+
+@pytest.fixture
+def server_factory(monkeypatch):
+    """`make(script)` starts a scripted OpenAI-compatible server (`llm_judge_server.JudgeServer`) on 127.0.0.1, with
+    the test key's variable set and no proxy; every server is closed after the test."""
+    from llm_judge_server import KEY_ENV, JudgeServer
+
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)  # loopback only, never through a proxy
+    servers = []
+
+    def make(script) -> JudgeServer:
+        servers.append(JudgeServer(script))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def template(tmp_path) -> str:
+    """The llm judge's test template (`llm_judge_server.TEST_TEMPLATE`) as a file: the path for `llm_judge.template`."""
+    import yaml
+    from llm_judge_server import TEST_TEMPLATE
+
+    path = tmp_path / "template.yaml"
+    path.write_text(yaml.safe_dump(TEST_TEMPLATE))
+    return str(path)

@@ -427,3 +427,31 @@ def test_a_model_in_the_wrong_role_is_refused_before_any_work(systems, tmp_path,
     with pytest.raises(SalsaError, match=match):
         run_evaluate(cfg, quiet=True)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_response_fingerprints_of_existing_outputs_do_not_change(tiny_model_dir, tmp_path, do_sample):
+    """A system's responses are reused when the hash of this content matches the manifest's: any change to what goes
+    into it would make every existing output regenerate, so the content is pinned as it was first written."""
+    import hashlib
+
+    from salsa_lightning.evaluation.responses import _fingerprint
+    from salsa_lightning.evaluation.runtime import model_signature
+    from salsa_lightning.evaluation.splits import load_split
+
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "What is 2 + 3?"}])
+    cfg = EvalConfig(systems={"a": str(tiny_model_dir)}, eval_files={"id": str(eval_file)}, do_sample=do_sample,
+                     temperature=0.7, seed=3, batch_size=4, max_new_tokens=9, dtype="float32")  # fmt: skip
+    content = {
+        "model": model_signature(str(tiny_model_dir)),
+        "prompts": [[{"role": "user", "content": "What is 2 + 3?"}]],
+        "dtype": "float32",
+        "max_new_tokens": 9,
+        "max_prompt_length": 512,
+        "do_sample": do_sample,
+        "temperature": 0.7 if do_sample else None,
+        "seed": 3 if do_sample else None,
+        "batch_size": 4,
+    }
+    expected = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    assert _fingerprint(cfg, str(tiny_model_dir), load_split(cfg, "id", False)) == expected

@@ -1,9 +1,11 @@
 """The `landscape` stage: the grids as pure functions, and the stage on tiny full-weight and LoRA seeds — every file
-written, the grid's seed points reproduce the seeds' own scores, bad grids refused, the cache reused."""
+written, the grid's seed points reproduce the seeds' own scores, bad grids refused, the cache reused; and the llm
+judge over the landscape against the scripted endpoint of `llm_judge_server` (the real client, real sockets)."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -14,10 +16,12 @@ import pytest
 import yaml
 from helpers import write_jsonl
 from landscape_helpers import GEN, direct_scores, save_lora_seed, save_reward_model
+from llm_judge_server import KEY_ENV, Answer, by_hash, shown, spec
 
-from salsa_lightning.cli import cli_main
+from salsa_lightning.cli import cli_main, main
 from salsa_lightning.data.tasks import TaskSuiteConfig, build_task_suite
 from salsa_lightning.errors import SalsaError
+from salsa_lightning.evaluation.llm_judge import LLMJudgeSpec
 from salsa_lightning.landscape import points as points_module
 from salsa_lightning.landscape.config import LandscapeConfig, LineGrid, PlaneGrid
 from salsa_lightning.landscape.grid import (
@@ -272,3 +276,162 @@ def test_quickstart_landscape_config_parses(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert len(printed["seeds"]) == 3 and printed["extrapolate"] is True
     assert printed["line"]["start"] < 0 < 1 < printed["line"]["stop"] and printed["plane"]["margin"] > 0
+
+
+def test_the_three_judged_stages_share_one_settings_dataclass():
+    """evaluate, landscape and the soup report inherit their generation/judging fields from `JudgedGeneration`, and
+    the landscape's and the soup report's fields keep the order users know (their YAML keys are unchanged)."""
+    from dataclasses import fields
+
+    from salsa_lightning.evaluation.config import EvalConfig
+    from salsa_lightning.evaluation.settings import JudgedGeneration
+    from salsa_lightning.soup.config import SoupReport
+
+    shared = [f.name for f in fields(JudgedGeneration)]
+    assert shared[:2] == ["limit", "judges"] and shared[-1] == "dtype"
+    for cls in (EvalConfig, LandscapeConfig, SoupReport):
+        assert issubclass(cls, JudgedGeneration)
+    assert [f.name for f in fields(SoupReport)] == ["eval_file", *shared]
+    landscape = [f.name for f in fields(LandscapeConfig)]
+    assert landscape[: 5 + len(shared)] == ["seeds", "line", "plane", "extrapolate", "eval_file", *shared]
+    head = ["systems", "pairs", "eval_files", "hub_splits", "prompt_columns"]
+    assert [f.name for f in fields(EvalConfig)][:5] == head
+
+
+# ---------------------------------------------------------------- the llm judge
+def llm_config(inputs: dict, out: Path, server, template: str, **overrides) -> LandscapeConfig:
+    """Three full-weight seeds, the line 0, ½, 1: five points (seed 1, the midpoint, seed 2, seed 3, the soup)."""
+    kwargs = {"line": LineGrid(0.0, 1.0, 3), "plane": None, "judges": ["gold", "llm"], "reward_model": None,
+              "llm_judge": spec(server, template), **overrides}  # fmt: skip
+    return config(inputs, "full", out, **kwargs)
+
+
+def hash_verdict(mine: str, reference: str) -> float:
+    """What `by_hash` makes of a point's response against the reference's, as a point: win 1, tie ½, loss 0."""
+    a, b = (hashlib.sha256(x.encode()).hexdigest() for x in (mine, reference))
+    return 1.0 if a > b else 0.0 if a < b else 0.5
+
+
+def test_llm_judge_scores_every_point_against_seed1(inputs, server_factory, template, tmp_path):
+    server = server_factory(by_hash)
+    out = tmp_path / "out"
+    results = run_landscape(llm_config(inputs, out, server, template), quiet=True)
+
+    by = {tuple(r["weights"]): r for r in results["points"]}
+    assert len(by) == 5
+    ref = next(r for r in results["points"] if r["label"] == "seed1")
+    ref_texts = [row["response"] for row in responses(out, ref)]
+    judgements = [json.loads(line) for line in (out / "judgements.jsonl").read_text().splitlines()]
+    assert len(judgements) == 4 * 3 and all(len(j["orders"]) == 2 for j in judgements)
+    assert ref["key"] not in {j["point"] for j in judgements}  # the reference is not compared with itself
+    for r in results["points"]:
+        if r is ref:
+            continue
+        expected = [hash_verdict(row["response"], t) for row, t in zip(responses(out, r), ref_texts, strict=True)]
+        assert r["llm_win_vs_seed1"] == pytest.approx(sum(expected) / 3)
+        lo, hi = r["llm_win_vs_seed1_ci"]
+        assert lo <= r["llm_win_vs_seed1"] <= hi
+        assert r["llm_verdicts"]["unparseable"] == r["llm_verdicts"]["failed"] == 0
+        mine = [j["verdict"] for j in judgements if j["point"] == r["key"]]
+        assert [{"win": 1.0, "loss": 0.0, "tie": 0.5}[v] for v in mine] == expected
+    # the reference's own row: ½ by definition, three ties that cost no request
+    assert ref["llm_win_vs_seed1"] == 0.5 and ref["llm_win_vs_seed1_ci"] == [0.5, 0.5]
+    assert ref["llm_verdicts"] == {"win": 0, "tie": 3, "loss": 0, "unparseable": 0, "failed": 0}
+    assert all(a in ref_texts or b in ref_texts for _, a, b in map(shown, server.bodies))  # always against seed 1
+
+    rows = {row["label"] or row["alpha"]: row for row in csv.DictReader(open(out / "points.csv"))}
+    assert {"llm_win_vs_seed1", "llm_win_vs_seed1_lo", "llm_win_vs_seed1_hi", "llm_unparseable"} <= set(rows["seed1"])
+    assert float(rows["seed1"]["llm_win_vs_seed1"]) == 0.5 and rows["0.5"]["llm_unparseable"] == "0"
+    assert [r["llm_win_vs_seed1"] for r in results["soup_report"]] == [
+        by[tuple(r["weights"])]["llm_win_vs_seed1"] for r in results["soup_report"]
+    ]
+    assert "llm_win_vs_seed1 [95% CI]" in (out / "soup_report.md").read_text()
+    manifest = read_manifest(out)
+    assert "judgements.jsonl" in manifest["files"] and sorted(p.name for p in out.iterdir()) == manifest["files"]
+    assert manifest["llm_judge"]["requests"] == len(server.bodies) == results["llm_judge"]["requests"] > 0
+    assert results["llm_judge"]["reference"] == "seed1"
+    assert "test-key" not in (out / "config.yaml").read_text()
+
+
+def test_llm_verdicts_are_cached_so_a_rerun_asks_nothing(inputs, server_factory, template, tmp_path):
+    server = server_factory(by_hash)
+    cache = tmp_path / "cache"
+    first = run_landscape(llm_config(inputs, tmp_path / "a", server, template, cache_dir=str(cache)), quiet=True)
+    asked = len(server.bodies)
+    assert asked > 0 and (cache / "judgements.jsonl").is_file()
+
+    def scores(results: dict) -> list:
+        return [(r["weights"], r["llm_win_vs_seed1"], r["llm_verdicts"]) for r in results["points"]]
+
+    # the same output again (overwrite: its judgements.jsonl), and another output sharing the cache_dir
+    again = run_landscape(llm_config(inputs, tmp_path / "a", server, template, overwrite=True), quiet=True)
+    shared = run_landscape(llm_config(inputs, tmp_path / "b", server, template, cache_dir=str(cache)), quiet=True)
+    assert len(server.bodies) == asked  # not one chat request more
+    for results in (again, shared):
+        assert scores(results) == scores(first)
+        assert results["llm_judge"]["requests"] == 0 and results["llm_judge"]["cached_replies"] == asked
+    lines = (cache / "judgements.jsonl").read_text().splitlines()
+    assert len(lines) == 4 * 3  # the second run had nothing to add to the shared cache
+
+
+def test_unparseable_replies_are_counted_never_tied(inputs, server_factory, template, tmp_path):
+    """The judge answers garbage about the first prompt: each point's verdict there is unparseable, counted, and its
+    mean is over the other two prompts; with `llm_reference: soup` the soup's own row is the ½ one."""
+    from salsa_lightning.landscape.run import load_eval_prompts
+
+    first_question = load_eval_prompts(inputs["eval"], 3, True).messages[0][-1]["content"]
+
+    def script(body: dict, attempt: int) -> Answer:
+        return Answer("Both have merits.") if shown(body)[0] == first_question else by_hash(body, attempt)
+
+    server = server_factory(script)
+    out = tmp_path / "out"
+    results = run_landscape(llm_config(inputs, out, server, template, llm_reference="soup"), quiet=True)
+    soup = next(r for r in results["points"] if r["label"] == "soup")
+    soup_texts = [row["response"] for row in responses(out, soup)]
+    assert soup["llm_win_vs_soup"] == 0.5 and "llm_win_vs_seed1" not in soup
+    for r in results["points"]:
+        if r is soup:
+            continue
+        assert r["llm_verdicts"]["unparseable"] == 1 and sum(r["llm_verdicts"].values()) == 3
+        rest = [hash_verdict(row["response"], t) for row, t in zip(responses(out, r)[1:], soup_texts[1:], strict=True)]
+        assert r["llm_win_vs_soup"] == pytest.approx(sum(rest) / 2)  # over the two usable prompts, not a tie
+    judgements = [json.loads(line) for line in (out / "judgements.jsonl").read_text().splitlines()]
+    assert {j["verdict"] for j in judgements if j["index"] == 0} == {"unparseable"}
+    assert results["llm_judge"]["unparseable_replies"] == 4 * 2  # both orders of four points' first prompt
+    assert all(row["llm_unparseable"] == ("0" if row["label"] == "soup" else "1")
+               for row in csv.DictReader(open(out / "points.csv")))  # fmt: skip
+
+
+def test_missing_llm_key_is_one_sentence_before_generation(inputs, server_factory, template, tmp_path, monkeypatch,
+                                                           capsys):  # fmt: skip
+    server = server_factory(by_hash)
+    monkeypatch.delenv(KEY_ENV)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before the llm judge's pre-flight")
+
+    monkeypatch.setattr(points_module, "generate_responses", no_generation)
+    cfg = {"seeds": inputs["full"][:2], "line": {"num": 2}, "eval_file": inputs["eval"], "limit": 2,
+           "judges": ["gold", "llm"], "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
+           "llm_judge": {"model": "judge-model", "base_url": server.url, "api_key_env": KEY_ENV,
+                         "template": template}}  # fmt: skip
+    path = tmp_path / "landscape.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exc:
+        main(["landscape", "--config", str(path)])
+    assert exc.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: The llm judge's API key variable {KEY_ENV} is not set;" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists() and server.bodies == []
+
+
+def test_llm_judge_mistakes_are_refused_before_any_work(inputs, tmp_path):
+    with pytest.raises(SalsaError, match="The llm judge needs `llm_judge`"):
+        run_landscape(config(inputs, "full", tmp_path / "out", judges=["gold", "llm"]), quiet=True)
+    with pytest.raises(SalsaError, match="`llm_judge` is set but `llm` is not in `judges`"):
+        run_landscape(config(inputs, "full", tmp_path / "out", llm_judge=LLMJudgeSpec(model="m")), quiet=True)
+    two = {"seeds": inputs["full"][:2], "plane": None, "judges": ["llm"], "llm_judge": LLMJudgeSpec(model="m")}
+    with pytest.raises(SalsaError, match=r"llm_reference seed3 is not a point .* use one of seed1, seed2, soup"):
+        run_landscape(config(inputs, "full", tmp_path / "out", llm_reference="seed3", **two), quiet=True)
+    assert list(tmp_path.iterdir()) == []

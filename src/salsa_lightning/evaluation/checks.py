@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,23 @@ def _check_model(kind: str, name: str, path: str, role: str = "policy") -> None:
     check_model_role(path, role, name if role == "reward" else f"{kind.lower()} {name}")
 
 
+def check_judges(cfg, known: Sequence[str] = ("gold", "reward", "llm")) -> None:
+    """`cfg.judges` (each one of `known`) and what each needs: a reward model for `reward`, an `llm_judge` block for
+    `llm` (and no block without it) — one sentence for the first problem (evaluate, landscape, the soup report)."""
+    unknown = [j for j in cfg.judges if j not in known]
+    if unknown or not cfg.judges:
+        raise SalsaError(f"Unknown or no judges {unknown or cfg.judges}; set `judges` to a list of {', '.join(known)}.")
+    if "reward" in cfg.judges and not cfg.reward_model:
+        raise SalsaError("The reward judge needs a reward model; set `reward_model` to a reward stage output.")
+    llm_judge = getattr(cfg, "llm_judge", None)
+    if "llm" in cfg.judges and llm_judge is None:
+        raise SalsaError(
+            "The llm judge needs `llm_judge`; set at least `llm_judge.model` (and `base_url`, `api_key_env`)."
+        )
+    if llm_judge is not None and "llm" not in cfg.judges:
+        raise SalsaError("`llm_judge` is set but `llm` is not in `judges`; add llm to `judges` or remove `llm_judge`.")
+
+
 def check_generation_settings(cfg) -> None:
     """The generation and statistics settings evaluate and landscape share: one sentence for a bad one."""
     for key in ("max_new_tokens", "max_prompt_length", "batch_size", "bootstrap_samples"):
@@ -83,17 +101,7 @@ def validate_config(cfg: EvalConfig) -> tuple[list[tuple[str, str]], tuple[str, 
     for ref in cfg.kl_reference or {}:
         _check_name("KL reference", ref)
     pairs = _resolve_pairs(cfg)
-    unknown = [j for j in cfg.judges if j not in ("gold", "reward", "llm")]
-    if unknown or not cfg.judges:
-        raise SalsaError(f"Unknown or no judges {unknown or cfg.judges}; set `judges` to a list of gold, reward, llm.")
-    if "reward" in cfg.judges and not cfg.reward_model:
-        raise SalsaError("The reward judge needs a reward model; set `reward_model` to a reward stage output.")
-    if "llm" in cfg.judges and cfg.llm_judge is None:
-        raise SalsaError(
-            "The llm judge needs `llm_judge`; set at least `llm_judge.model` (and `base_url`, `api_key_env`)."
-        )
-    if cfg.llm_judge is not None and "llm" not in cfg.judges:
-        raise SalsaError("`llm_judge` is set but `llm` is not in `judges`; add llm to `judges` or remove `llm_judge`.")
+    check_judges(cfg)
     if not cfg.reward_tie_margin >= 0:
         raise SalsaError(f"reward_tie_margin must be >= 0, got {cfg.reward_tie_margin}; use e.g. 0.1.")
     check_generation_settings(cfg)

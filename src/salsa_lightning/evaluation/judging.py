@@ -3,6 +3,7 @@ the llm judge on every pair at once through one pool of requests; win-rate summa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,21 +12,51 @@ from rich.console import Console
 from salsa_lightning.data import judge as gold
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluation.config import EvalConfig
-from salsa_lightning.evaluation.llm_judge import LLMJudge, PairJudgement, comparison, read_cache, split_verdicts
+from salsa_lightning.evaluation.llm_judge import (
+    Comparison,
+    LLMJudge,
+    LLMJudgeSpec,
+    PairJudgement,
+    comparison,
+    read_cache,
+    split_verdicts,
+)
 from salsa_lightning.evaluation.responses import Responses
 from salsa_lightning.evaluation.runtime import progress_bar
 from salsa_lightning.evaluation.splits import SplitPrompts
 from salsa_lightning.evaluation.stats import verdict_from_scores, win_rate_summary
 
+JUDGEMENTS = "judgements.jsonl"  # one judgement per line; the llm judge's lines hold both orders' replies: its cache
 
-def connect_llm_judge(cfg: EvalConfig, out: Path) -> LLMJudge:
-    """The llm judge of `cfg.llm_judge`, its pre-flight passed (key set, endpoint reachable, model served) — before
-    any model is loaded; with `overwrite`, an earlier run's replies in `out` are its cache."""
-    # each cached reply is keyed by everything that decides it
-    cache = read_cache(out / "judgements.jsonl") if cfg.overwrite and out.is_dir() else None
-    judge = LLMJudge(cfg.llm_judge, cache)
+
+def connect_llm_judge(spec: LLMJudgeSpec, caches: Sequence[Path] = ()) -> LLMJudge:
+    """The llm judge of `spec`, its pre-flight passed (key set, endpoint reachable, model served) — before any model
+    is loaded; the replies in the judgements.jsonl files `caches` (earlier runs', missing ones skipped) are its cache."""
+    cache: dict[str, dict[str, Any]] = {}
+    for f in caches:
+        cache.update(read_cache(f))  # each reply is keyed by everything that decides it
+    judge = LLMJudge(spec, cache)
     judge.connect()
     return judge
+
+
+def judge_with_progress(judge: LLMJudge, comparisons: Sequence[Comparison], console: Console) -> list[PairJudgement]:
+    """`judge.judge(comparisons)` in one batch (so the thread pool stays full), with a progress bar on `console`."""
+    with progress_bar(console) as progress:
+        task = progress.add_task(f"llm judge ({judge.spec.model})", total=None)
+        return judge.judge(comparisons, on_reply=lambda done, total: progress.update(task, completed=done, total=total))
+
+
+def check_usable(judged: Sequence[PairJudgement], what: str) -> None:
+    """One sentence when none of `judged` has a usable verdict (a wrong judge model, template or endpoint), rather
+    than a table of nothing."""
+    if judged and not split_verdicts(judged)[0]:
+        first = judged[0].replies
+        example = first[0].error or first[0].text or first[1].error or ""
+        raise SalsaError(
+            f"The llm judge gave no usable verdict for {what} (every prompt unparseable or failed; e.g. "
+            f"{example[:200]!r}); check llm_judge.model, the template and the endpoint."
+        )
 
 
 def _judge_with_llm(
@@ -43,19 +74,10 @@ def _judge_with_llm(
             spans.append(((a, b, split), len(comparisons), len(comparisons) + len(ra.texts)))
             # a later turn: each system's own conversation, so the judge sees what each answer follows
             comparisons += map(comparison, ra.prompts, ra.texts, rb.prompts, rb.texts)
-    with progress_bar(console) as progress:
-        task = progress.add_task(f"llm judge ({judge.spec.model})", total=None)
-        judged = judge.judge(
-            comparisons, on_reply=lambda done, total: progress.update(task, completed=done, total=total)
-        )
+    judged = judge_with_progress(judge, comparisons, console)
     out = {key: judged[lo:hi] for key, lo, hi in spans}
     for (a, b, split), js in out.items():
-        if not split_verdicts(js)[0]:
-            example = js[0].replies[0].error or js[0].replies[0].text or js[0].replies[1].error or ""
-            raise SalsaError(
-                f"The llm judge gave no usable verdict for {a} vs {b} on {split} (every prompt unparseable or failed; "
-                f"e.g. {example[:200]!r}); check llm_judge.model, the template and the endpoint."
-            )
+        check_usable(js, f"{a} vs {b} on {split}")
     return out
 
 

@@ -18,6 +18,7 @@ from salsa_lightning.evaluation.generation import encode_prompts, generate_respo
 from salsa_lightning.evaluation.llm_judge import question_text
 from salsa_lightning.evaluation.prompts import conversations
 from salsa_lightning.evaluation.runtime import load_frozen_lm, model_signature, progress_bar, release_memory
+from salsa_lightning.evaluation.settings import generation_settings
 from salsa_lightning.evaluation.splits import SplitPrompts
 from salsa_lightning.stage import read_manifest
 
@@ -48,14 +49,7 @@ def _fingerprint(cfg: EvalConfig, system_path: str, prompts: SplitPrompts) -> st
         "prompts": [p.messages for p in prompts.prompts],
         # only where there are later turns, so that a single-turn split keeps its fingerprint
         **({"followups": [p.followups for p in prompts.prompts]} if prompts.multi_turn else {}),
-        "dtype": cfg.dtype,
-        "max_new_tokens": cfg.max_new_tokens,
-        "max_prompt_length": cfg.max_prompt_length,
-        "do_sample": cfg.do_sample,
-        "temperature": cfg.temperature if cfg.do_sample else None,
-        "seed": cfg.seed if cfg.do_sample else None,
-        # batching changes greedy results only at the rounding level, but it does change them
-        "batch_size": cfg.batch_size,
+        **generation_settings(cfg),
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -34,7 +34,7 @@ from salsa_lightning.evaluation.checks import (
     validate_config,
 )
 from salsa_lightning.evaluation.config import EvalConfig
-from salsa_lightning.evaluation.judging import connect_llm_judge, judge_pairs, llm_note
+from salsa_lightning.evaluation.judging import JUDGEMENTS, connect_llm_judge, judge_pairs, llm_note
 from salsa_lightning.evaluation.responses import (
     ALPACA_EVAL_DIR,
     Responses,
@@ -89,7 +89,8 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
     splits = {s: load_split(cfg, s, "gold" in cfg.judges) for s in cfg.eval_files}
     tokenizers = load_tokenizers(cfg)
     check_vocabularies(cfg, tokenizers)
-    llm = connect_llm_judge(cfg, out) if "llm" in cfg.judges else None
+    # with `overwrite`, the earlier run's replies in `out` are the llm judge's cache
+    llm = connect_llm_judge(cfg.llm_judge, [out / JUDGEMENTS] if cfg.overwrite else []) if "llm" in cfg.judges else None
 
     with atomic_output_dir(out, cfg.overwrite) as tmp:
         responses, fingerprints = generate_all(cfg, out, splits, tokenizers, console)
@@ -137,7 +138,7 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
         }
         notes = {"llm": llm_note(results["llm_judge"])} if llm else {}
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        with open(tmp / "judgements.jsonl", "w") as f:
+        with open(tmp / JUDGEMENTS, "w") as f:
             f.writelines(json.dumps(j) + "\n" for j in judgements)
         report.write_win_rates_csv(tmp / "win_rates.csv", pair_records)
         (tmp / "win_rates.md").write_text(report.win_rates_markdown(pair_records, notes=notes))
@@ -192,7 +193,7 @@ def _manifest(
         "files": sorted(
             [
                 "results.json",
-                "judgements.jsonl",
+                JUDGEMENTS,
                 ALPACA_EVAL_DIR,
                 "win_rates.csv",
                 "win_rates.md",

@@ -1,11 +1,15 @@
-"""`LandscapeConfig`: the fields of `python -m salsa_lightning landscape` (each docstring becomes its `--help`)."""
+"""`LandscapeConfig`: the fields of `python -m salsa_lightning landscape` (each docstring becomes its `--help`); the
+generation and judging settings it shares with `evaluate` and the soup report are `JudgedGeneration`'s."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-Judge = Literal["gold", "reward"]
+from salsa_lightning.evaluation.llm_judge import LLMJudgeSpec
+from salsa_lightning.evaluation.settings import JudgedGeneration
+
+Reference = Literal["seed1", "seed2", "seed3", "soup"]
 
 
 @dataclass
@@ -35,9 +39,17 @@ class PlaneGrid:
 
 
 @dataclass
-class LandscapeConfig:
-    """Gold score / reward over soups of two or three SFT seeds: a line and a plane, inside and beyond the seeds
-    (paper Fig. 2), plus the soup report (each seed and the uniform soup: scores and KL between them)."""
+class EvalFile:
+    """One file of eval prompts (the landscape's and the soup report's; `evaluate` takes several splits)."""
+
+    eval_file: str = "outputs/quickstart/data/eval_id.jsonl"
+    """JSONL of evaluation prompts (`prompt` string/messages, or `messages`), or a Hub dataset's `test` split; the
+    gold judge needs task-suite prompts."""
+
+
+@dataclass
+class LandscapeGrid:
+    """The seeds and the points between and beyond them: `LandscapeConfig`'s leading fields."""
 
     seeds: list[str] = field(default_factory=list)
     """Two or three SFT outputs of one base (full weights or LoRA adapters): the line runs from the first to the
@@ -48,36 +60,27 @@ class LandscapeConfig:
     """The barycentric grid over the three seeds (null: no plane; needs three seeds)."""
     extrapolate: bool = False
     """Allow points outside the segment/triangle of the seeds (weights below 0 or above 1, still summing to 1)."""
-    eval_file: str = "outputs/quickstart/data/eval_id.jsonl"
-    """JSONL of evaluation prompts (`prompt` string/messages, or `messages`); the gold judge needs task-suite ones."""
-    limit: int | None = None
-    """Use only the first `limit` prompts."""
-    judges: list[Judge] = field(default_factory=lambda: ["gold"])
-    """`gold`: the task suite's programmatic judge; `reward`: the mean reward of `reward_model`."""
-    reward_model: str | None = None
-    """Reward stage output, needed by the `reward` judge."""
-    max_new_tokens: int = 128
-    """Longest response; one that reaches it without an end-of-turn token is cut there."""
-    max_prompt_length: int = 512
-    """Longer prompts keep their last tokens."""
-    batch_size: int = 16
-    """Prompts per generation / scoring batch."""
-    do_sample: bool = False
-    """Sample instead of greedy decoding (greedy, the default, makes a run repeatable)."""
-    temperature: float = 1.0
-    """Sampling temperature when `do_sample` is on."""
-    bootstrap_samples: int = 1000
-    """Bootstrap resamples of the prompts for each point's 95% interval."""
-    seed: int = 0
-    """Seed of the bootstrap (and of sampling when `do_sample` is on)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype of the models (auto = bfloat16 on a GPU that supports it, float32 otherwise)."""
+
+
+@dataclass
+class LandscapeConfig(JudgedGeneration, EvalFile, LandscapeGrid):  # the last base's fields first (JudgedGeneration)
+    """Gold score / reward / llm-judge win rate over soups of two or three SFT seeds: a line and a plane, inside and
+    beyond the seeds (paper Fig. 2), plus the soup report (each seed and the uniform soup: scores and KL between them)."""
+
+    llm_judge: LLMJudgeSpec | None = None
+    """The `llm` judge's endpoint, model, key variable and prompt template (needed when `judges` lists llm)."""
+    llm_reference: Reference = "seed1"
+    """What the llm judge compares every point with, prompt by prompt: `seed1`, `seed2`, `seed3` or `soup` (the
+    uniform soup). Each point gets the mean of win 1 / tie ½ / loss 0 against it (`llm_win_vs_<reference>`); the
+    reference's own value is ½ by definition (its responses against themselves, asked of no one)."""
     output_dir: str = "outputs/quickstart/landscape"
-    """Where to write points.csv/json, the plots, the soup report, responses, config.yaml and salsa_manifest.json."""
+    """Where to write points.csv/json, the plots, the soup report, responses, judgements.jsonl, config.yaml and
+    salsa_manifest.json."""
     overwrite: bool = False
     """Replace `output_dir` if it exists (the old one is removed only after the new one is complete)."""
     reuse_responses: bool = True
     """Take a point's responses and KL from the cache when its weights, the seeds' files, the prompts and the
     generation settings are unchanged: from `output_dir` when overwriting, and from `cache_dir`."""
     cache_dir: str | None = None
-    """A response cache shared between runs (e.g. a finer grid in another `output_dir`); default none."""
+    """A response cache shared between runs (e.g. a finer grid in another `output_dir`), which also keeps the llm
+    judge's replies (judgements.jsonl); default none."""

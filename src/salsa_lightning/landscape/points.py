@@ -33,6 +33,9 @@ class PointRun:
     logp: list[torch.Tensor] | None = None
     gold: list[float] | None = None
     reward: list[float] | None = None
+    llm: list[str] | None = None
+    """The llm judge's verdict per prompt on the point's response against the reference point's (`llm_reference`):
+    win / loss / tie, or unparseable / failed (counted, never a tie); `landscape.judging`."""
 
 
 def references(point: Point, n: int) -> list[str]:

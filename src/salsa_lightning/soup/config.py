@@ -5,38 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from salsa_lightning.landscape.config import Judge
+from salsa_lightning.evaluation.settings import JudgedGeneration
+from salsa_lightning.landscape.config import EvalFile
+
+SoupJudge = Literal["gold", "reward"]
 
 
 @dataclass
-class SoupReport:
-    """Score each seed and the soup on eval prompts, and measure KL(soup ‖ seed), after the soup is written."""
+class SoupReport(JudgedGeneration, EvalFile):  # `eval_file` first (see JudgedGeneration)
+    """Score each seed and the soup on eval prompts, and measure KL(soup ‖ seed), after the soup is written: the
+    settings of `landscape` (less its grids and the llm judge, which compares points with a reference point: the
+    landscape's soup report has it)."""
 
-    eval_file: str = "outputs/quickstart/data/eval_id.jsonl"
-    """JSONL of evaluation prompts (`prompt` string/messages, or `messages`), or a Hub dataset's `test` split; the
-    gold judge needs task-suite prompts."""
-    limit: int | None = None
-    """Use only the first `limit` prompts (null: all)."""
-    judges: list[Judge] = field(default_factory=lambda: ["gold"])
+    judges: list[SoupJudge] = field(default_factory=lambda: ["gold"])
     """`gold`: the task suite's programmatic judge; `reward`: the mean reward of `reward_model`."""
-    reward_model: str | None = None
-    """Reward stage output, needed by the `reward` judge."""
-    max_new_tokens: int = 128
-    """Longest response; one that reaches it without an end-of-turn token is cut there."""
-    max_prompt_length: int = 512
-    """Longer prompts keep their last tokens."""
-    batch_size: int = 16
-    """Prompts per generation / scoring batch."""
-    do_sample: bool = False
-    """Sample instead of greedy decoding (greedy, the default, makes the report repeatable)."""
-    temperature: float = 1.0
-    """Sampling temperature when `do_sample` is on."""
-    bootstrap_samples: int = 1000
-    """Bootstrap resamples of the prompts for each row's 95% interval."""
-    seed: int = 0
-    """Seed of the bootstrap (and of sampling when `do_sample` is on)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype of the models (auto = bfloat16 on a GPU that supports it, float32 otherwise)."""
 
 
 @dataclass

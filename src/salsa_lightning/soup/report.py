@@ -6,11 +6,15 @@ the point at the soup's weights; one in-memory model set to each in turn through
 (`landscape.models`), generated from, judged and measured by the landscape's own functions (`landscape.points`; the
 settings checked and the prompts loaded by `landscape.run`'s), and tabulated by `landscape.report`. So a landscape's
 soup report and this one are the same numbers for the same seeds.
+
+Its judges are `gold` and `reward`; the llm judge is left out (`report.judges` refuses it). `landscape` with
+`judges: [..., llm]` gives the seeds and the soup their llm win rate against `llm_reference`, in its points and in
+its soup report.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ from rich.console import Console
 
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluation.generation import encode_prompts
+from salsa_lightning.evaluation.settings import generation_settings
 from salsa_lightning.landscape import report as tables
 from salsa_lightning.landscape.config import LandscapeConfig
 from salsa_lightning.landscape.grid import Point
@@ -46,15 +51,11 @@ def plan_report(cfg: SoupConfig, input_format: str) -> ReportPlan:
             "`report` measures the exact soup, but `lora_combination: approx_average` writes another adapter; set "
             "`lora_combination: cat` or `report: null`."
         )
-    settings = LandscapeConfig(
-        seeds=list(cfg.inputs), line=None, plane=None, extrapolate=cfg.allow_extrapolation,
-        eval_file=rep.eval_file, limit=rep.limit, judges=list(rep.judges), reward_model=rep.reward_model,
-        max_new_tokens=rep.max_new_tokens, max_prompt_length=rep.max_prompt_length, batch_size=rep.batch_size,
-        do_sample=rep.do_sample, temperature=rep.temperature, bootstrap_samples=rep.bootstrap_samples, seed=rep.seed,
-        dtype=rep.dtype, output_dir=cfg.output_dir,
-    )  # fmt: skip
+    shared = {f.name: getattr(rep, f.name) for f in fields(rep)}  # JudgedGeneration's and eval_file
+    settings = LandscapeConfig(seeds=list(cfg.inputs), line=None, plane=None, extrapolate=cfg.allow_extrapolation,
+                               output_dir=cfg.output_dir, **shared)  # fmt: skip
     try:
-        validate_judging(settings)
+        validate_judging(settings, judges=("gold", "reward"))  # the llm judge needs a reference point
         prompts = load_eval_prompts(rep.eval_file, rep.limit, "gold" in rep.judges)
     except SalsaError as err:
         raise SalsaError(f"In the soup's `report`: {err}") from err
@@ -85,8 +86,7 @@ def write_report(plan: ReportPlan, weights: list[float], directory: Path, consol
         "prompts": {"source": plan.prompts.source, "n": len(plan.prompts.rows), "truncated": truncated},
         "judges": list(s.judges),
         "reward_model": canonical_model_ref(s.reward_model) if s.reward_model else None,
-        "generation": {k: getattr(s, k) for k in ("max_new_tokens", "max_prompt_length", "do_sample", "dtype")}
-        | {"temperature": s.temperature if s.do_sample else None, "batch_size": s.batch_size},
+        "generation": generation_settings(s),
         "bootstrap": {"samples": s.bootstrap_samples, "seed": s.seed, "confidence": 0.95},
     }
     files = tables.write_soup_report(directory, rows, n, about)
