@@ -249,7 +249,7 @@ def report(results: list[dict], out: Path) -> str:
             lines.append(
                 f"\ngrpo vs gae ({anchor}, seed {seed}): update (forward + optimise) "
                 f"{(r['forward_s'] + r['optimize_s']) / (g['forward_s'] + g['optimize_s']):.2f}x, whole update "
-                f"{r['s_per_update'] / g['s_per_update']:.2f}x (both 16 rollout rows: 16 prompts for gae, 4 x 4 for grpo)"
+                f"{r['s_per_update'] / g['s_per_update']:.2f}x (the same rollout rows: gae one per prompt, grpo n per prompt)"
             )
     text = "\n".join(lines)
     (out / "table.md").write_text(text + "\n")
