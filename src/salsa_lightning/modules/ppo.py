@@ -36,6 +36,7 @@ from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec, chec
 from salsa_lightning.ppo.losses import minibatch_losses
 from salsa_lightning.ppo.rollout import RewardSource, Rollout, collect_rollout
 from salsa_lightning.ppo.schedule import schedule_length
+from salsa_lightning.ppo.vllm_rollout import check_vllm_backend, make_engine
 from salsa_lightning.stage import check_output_dir
 
 
@@ -106,6 +107,8 @@ class PPOModule(L.LightningModule):
         if self.gen.merge_lora:  # refused before any model loads (FSDP is refused by `build_stack`, also before)
             check_merge_lora(resolve_layout(layout, policy_init, self.plan.paths, reward_model),
                              is_quantized(self.spec), sharded=False)  # fmt: skip
+        if self.gen.backend == "vllm":
+            check_vllm_backend(self.gen, self.ppo.rollout_logprobs, is_quantized(self.spec))
         self.rewards = RewardSource.from_config(reward_model, reward_fn, self.ppo.normalize_reward)
         self.sample_table_every, self.overwrite = sample_table_every, overwrite
         self.output_dir = format_output_dir(output_dir)
@@ -114,7 +117,7 @@ class PPOModule(L.LightningModule):
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(replace(self.spec, name_or_path=policy_init), padding_side="left")
         check_tokenizers(self.plan, reward_model, self.spec, self.tokenizer)
-        self.stack = None
+        self.stack = self.engine = None
         # PPO keeps every model in eval mode (no dropout) on purpose; Lightning would warn about it at fit start
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         self.kl_ctl = rl.make_kl_controller(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
@@ -132,6 +135,8 @@ class PPOModule(L.LightningModule):
             sharding = (self.device_mesh, self.fsdp) if uses_fsdp2(self) else None
             self.stack = build_stack(self.layout, self.spec, self.policy_init, self.plan.paths, self.reward_model,
                                      self.value_head, sharding, self.ppo.critic, self.gen.merge_lora)  # fmt: skip
+        if self.gen.backend == "vllm" and self.engine is None:
+            self.engine = make_engine(self.stack, self.policy_init, self.gen, current_seed() or 0)
 
     def configure_optimizers(self):
         from transformers import get_scheduler
@@ -158,7 +163,7 @@ class PPOModule(L.LightningModule):
             torch.manual_seed((current_seed() or 0) * 1_000_003 + index + self.global_rank * 2**32)
             self.rollouts_done += 1
             roll = collect_rollout(self.stack, batch, self.tokenizer, self.gen, self.ppo, self.plan, self.rewards,
-                                   self.kl_ctl.value, index)  # fmt: skip
+                                   self.kl_ctl.value, index, self.engine)  # fmt: skip
             release_freed_memory()  # what generation freed is not kept resident beside the update's graphs
             if any_rank(not roll.finite(), self.device):
                 return self._nonfinite("Skipped a PPO update: NaN/inf in the rollout")
@@ -269,6 +274,9 @@ class PPOModule(L.LightningModule):
                                  self.resolved_config, overwrite, extra, state_dict)  # fmt: skip
 
     def on_fit_end(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
         if self.output_dir is None:
             return
         state_dict = self.stack.gather_policy()  # sharded: every rank takes part in the gather

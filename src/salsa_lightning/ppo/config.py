@@ -7,10 +7,11 @@ one sentence naming the field as the user writes it (`--model.ppo.kl_coef`) and 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from salsa_lightning.errors import require as _check
+from salsa_lightning.vllm_engine import Backend, VllmSpec
 
 
 def _finite(x) -> bool:
@@ -42,6 +43,13 @@ class GenerationSpec:
     targeted base weights (for `all-linear`, nearly the whole decoder) while generation runs. Numbers: the sampled
     tokens come from `(W + s·BA)x` instead of `Wx + s·B(Ax)`, equal up to float rounding. Refused with a 4-bit
     (QLoRA) base, under FSDP sharding and in the full layout (nothing to merge)."""
+    backend: Backend = "hf"
+    """`hf`: transformers' `generate` on the training model. `vllm`: a vLLM engine in this process, created once per
+    run; the LoRA layout hands it the policy adapter each rollout (the base is loaded once), the full layout loads the
+    policy's weights into it. The trainer recomputes the log-probs it trains on and logs `rollout/logprob_diff` (the
+    gap to vLLM's) every rollout. One process only (FSDP / multi-process runs: `hf`); needs `make install VLLM=1`."""
+    vllm: VllmSpec = field(default_factory=VllmSpec)
+    """The vLLM engine's settings (`backend: vllm` only)."""
 
     def __post_init__(self) -> None:
         f = "model.generation."

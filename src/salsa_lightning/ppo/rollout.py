@@ -170,34 +170,42 @@ def collect_rollout(
     rewards: RewardSource,
     kl_coef: float,
     index: int = 0,
+    engine=None,
 ) -> Rollout:
     """Sample, score and measure one rollout batch. `index`: the 0-based number of this rollout in the run, which the
     every-N options (`ppo.logged_kl_every`, `ppo.logprob_check_every`) count, so a resumed run measures the same
-    rollouts as an uninterrupted one."""
+    rollouts as an uninterrupted one. `engine`: a `VllmEngine` to sample with (`generation.backend: vllm`), which
+    is handed the current policy first; None = the stack's own `generate`."""
     timings: dict[str, float] = {}
     extra: dict[str, torch.Tensor] = {}  # measurements taken on some rollouts only
     batch = repeat_prompts(batch, ppo.n_samples_per_prompt)
     prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
     t0 = time.perf_counter()
-    out = stack.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=gen.max_new_tokens,
-        min_new_tokens=gen.min_new_tokens or None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        # sharded: every rank must run every forward (each gathers layers from all), so ranks that finish
-        # early keep stepping until the slowest one is done
-        synced_gpus=world_size() > 1 and getattr(stack, "fsdp", None) is not None,
-        # the raw logits of each sampling step: the "old" log-probs without a policy forward afterwards
-        **({"output_logits": True, "return_dict_in_generate": True} if ppo.rollout_logprobs else {}),
-        **gen.sampling_kwargs(),
-    )
-    step_logits = None
-    if ppo.rollout_logprobs:
-        out, step_logits = out.sequences, out.logits  # (B, P + R); R tensors (B, V), float32
+    step_logits = engine_logp = None
+    if engine is not None:  # vLLM: the policy handed over, then sampled there
+        from salsa_lightning.ppo.vllm_rollout import engine_generate, hand_over_policy
+
+        hand_over_policy(engine, stack)
+        response, engine_logp = engine_generate(engine, prompt_ids, prompt_mask, gen, tokenizer)  # (B, R) each
+    else:
+        out = stack.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=gen.min_new_tokens or None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            # sharded: every rank must run every forward (each gathers layers from all), so ranks that finish
+            # early keep stepping until the slowest one is done
+            synced_gpus=world_size() > 1 and getattr(stack, "fsdp", None) is not None,
+            # the raw logits of each sampling step: the "old" log-probs without a policy forward afterwards
+            **({"output_logits": True, "return_dict_in_generate": True} if ppo.rollout_logprobs else {}),
+            **gen.sampling_kwargs(),
+        )
+        if ppo.rollout_logprobs:
+            out, step_logits = out.sequences, out.logits  # (B, P + R); R tensors (B, V), float32
+        response = out[:, prompt_ids.shape[1] :]  # (B, R)
     timings["time/generate"] = time.perf_counter() - t0
-    response = out[:, prompt_ids.shape[1] :]  # (B, R)
     resp_mask = rl.response_mask(response, tokenizer.eos_token_id)  # (B, R) bool
     has_eos = rl.contains_eos(response, tokenizer.eos_token_id, resp_mask)  # (B,)
 
@@ -222,6 +230,8 @@ def collect_rollout(
         logp = rl.logprobs_from_logits(rl.response_logits(logits, response.shape[1]), response, T)  # (B, R)
         entropy = rl.entropy_from_logits(rl.response_logits(logits, response.shape[1]), T)  # (B, R)
         del logits
+        if engine_logp is not None:  # what vLLM sampled from vs what the trainer computes (veRL/OpenRLHF log it)
+            extra["rollout/logprob_diff"] = rl.masked_mean((engine_logp - logp).abs(), resp_mask)
     # the penalty's anchors every rollout; those only logged (plan.logged, not plan.names) every logged_kl_every-th
     measured = [n for n in plan.paths if n in plan.names or every(ppo.logged_kl_every, index)]
     anchor_logp = {name: response_logprobs(stack, name, ids, mask, pos, response, T) for name in measured}
