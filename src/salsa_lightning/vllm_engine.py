@@ -53,10 +53,12 @@ def require_vllm(field: str) -> None:
 class VllmSpec:
     """Settings of the vLLM engine (`backend: vllm` only)."""
 
-    memory_fraction: float | None = None
-    """vLLM's `gpu_memory_utilization`: the share of the GPU's memory the engine may take for weights and KV cache
-    (on a CPU, of the NUMA node's memory for the KV cache). null: 0.3 on a GPU (the rest is training's), 0.1 on a
-    CPU."""
+    memory_fraction: float = 0.3
+    """GPU: vLLM's `gpu_memory_utilization`, the share of the GPU's memory the engine may take for its weights and KV
+    cache (the rest is training's)."""
+    kv_cache_gb: float | None = None
+    """The KV cache's size in GiB (vLLM's `kv_cache_memory_bytes`; null: from `memory_fraction` on a GPU, 1 GiB on a
+    CPU, where vLLM would otherwise size it from the memory left on the NUMA node, which training also uses)."""
     max_model_len: int | None = None
     """Longest prompt + response the engine plans for (null: the model's context, at most 4096)."""
     sleep: bool = True
@@ -68,8 +70,9 @@ class VllmSpec:
     def __post_init__(self) -> None:
         from salsa_lightning.errors import require
 
-        if self.memory_fraction is not None:
-            require(0 < self.memory_fraction <= 1, "vllm.memory_fraction", self.memory_fraction, "in (0, 1]", 0.3)
+        require(0 < self.memory_fraction <= 1, "vllm.memory_fraction", self.memory_fraction, "in (0, 1]", 0.3)
+        if self.kv_cache_gb is not None:
+            require(self.kv_cache_gb > 0, "vllm.kv_cache_gb", self.kv_cache_gb, "> 0 (or null)", 1.0)
         if self.max_model_len is not None:
             require(self.max_model_len >= 16, "vllm.max_model_len", self.max_model_len, "at least 16", 2048)
 
@@ -106,7 +109,7 @@ class VllmEngine:
         spec = spec or VllmSpec()
         self.cuda = torch.cuda.is_available()
         self.sleeps = spec.sleep and self.cuda
-        fraction = spec.memory_fraction or (0.3 if self.cuda else 0.1)
+        kv_gb = spec.kv_cache_gb if spec.kv_cache_gb is not None else (None if self.cuda else 1.0)
         max_len = spec.max_model_len or min(context or 4096, 4096)
         lora = {"enable_lora": True, "max_lora_rank": _lora_rank_slot(max_lora_rank), "max_loras": 1}
         self.llm = LLM(
@@ -114,7 +117,8 @@ class VllmEngine:
             dtype=DTYPE_NAMES.get(dtype, "auto"),
             seed=seed,
             max_model_len=max_len,
-            gpu_memory_utilization=fraction,
+            gpu_memory_utilization=spec.memory_fraction,
+            kv_cache_memory_bytes=None if kv_gb is None else int(kv_gb * 2**30),
             enforce_eager=spec.enforce_eager or not self.cuda,
             # the log-probs of the distribution tokens are sampled from (temperature applied), which is what the
             # trainer recomputes: `rollout/logprob_diff` then measures the engines' numerical gap, nothing else
@@ -148,6 +152,13 @@ class VllmEngine:
         self.lora = LoRARequest(f"adapter-{n}", n, str(self._lora_dir))
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+    def use_adapter(self, directory: str) -> None:
+        """Generate with the LoRA adapter saved at `directory` (a stage output) from the next call on."""
+        from vllm.lora.request import LoRARequest
+
+        n = next(_lora_ids)
+        self.lora = LoRARequest(f"adapter-{n}", n, str(directory))
 
     # ------------------------------------------------------------ sleep
     def sleep(self) -> None:

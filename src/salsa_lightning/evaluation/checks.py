@@ -78,6 +78,10 @@ def check_generation_settings(cfg) -> None:
         raise SalsaError(f"limit must be >= 1 or null, got {cfg.limit}; use null for every prompt.")
     if cfg.do_sample and not cfg.temperature > 0:
         raise SalsaError(f"temperature must be > 0 when sampling, got {cfg.temperature}; use e.g. 1.0.")
+    if cfg.backend == "vllm":
+        from salsa_lightning.vllm_engine import require_vllm
+
+        require_vllm("backend")
 
 
 def validate_config(cfg: EvalConfig) -> tuple[list[tuple[str, str]], tuple[str, ...]]:

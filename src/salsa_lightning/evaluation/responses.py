@@ -14,6 +14,7 @@ from rich.console import Console
 
 from salsa_lightning.data.chat import Messages
 from salsa_lightning.evaluation.config import EvalConfig
+from salsa_lightning.evaluation.engines import SystemEngines, engine_responses, stop_ids
 from salsa_lightning.evaluation.generation import encode_prompts, generate_responses, response_logprobs
 from salsa_lightning.evaluation.llm_judge import question_text
 from salsa_lightning.evaluation.prompts import conversations
@@ -70,10 +71,10 @@ def _reusable(cfg: EvalConfig, out: Path, system: str, split: str, fingerprint: 
 
 
 # ---------------------------------------------------------------- generation
-def _generate_split(cfg: EvalConfig, model, tokenizer, prompts: SplitPrompts, on_batch) -> Responses:
+def _generate_split(cfg: EvalConfig, respond, tokenizer, prompts: SplitPrompts, on_batch) -> Responses:
     """One system's responses to every item of a split, turn by turn: a later turn's prompt holds the system's
     own answers to the turns before it, so turn k is generated only once turn k-1 is (a single-turn split: one
-    call on every prompt)."""
+    call on every prompt). `respond(prompt_ids, on_batch)` -> one `Generated` per prompt (the backend's)."""
     n = len(prompts.items)
     convs: list[Messages | None] = [None] * n
     prompt_ids: list[list[int] | None] = [None] * n
@@ -85,9 +86,7 @@ def _generate_split(cfg: EvalConfig, model, tokenizer, prompts: SplitPrompts, on
         current = conversations(prompts.prompts, texts)
         ids, cut = encode_prompts(tokenizer, [current[k] for k in todo], cfg.max_prompt_length)
         truncated += cut
-        out = generate_responses(
-            model, tokenizer, ids, cfg.max_new_tokens, cfg.batch_size, cfg.do_sample, cfg.temperature, on_batch
-        )
+        out = respond(ids, on_batch)
         for k, k_ids, g in zip(todo, ids, out, strict=True):
             convs[k], prompt_ids[k], generated[k], texts[k] = current[k], k_ids, g, g.text
     return Responses(
@@ -113,6 +112,7 @@ def generate_all(
     responses: dict[str, dict[str, Responses]] = {}
     fingerprints: dict[str, dict[str, str]] = {}
     need_logp = bool(cfg.kl_reference)
+    engines = SystemEngines(cfg, list(cfg.systems.values())) if cfg.backend == "vllm" else None
     for system, path in cfg.systems.items():
         tokenizer = tokenizers[("System", system)]
         model = None
@@ -136,16 +136,30 @@ def generate_all(
                     reused=True,
                 )
             else:
-                if model is None:
-                    with console.status(f"loading {system} ({path})"):
-                        model = load_frozen_lm(path, cfg.dtype)
+                if engines is not None:
+                    with console.status(f"vLLM engine for {system} ({path})"):
+                        engine, model_dir = engines.engine_for(path)
+                    stop = stop_ids(tokenizer, model_dir)
+
+                    def respond(ids, on_batch, engine=engine, stop=stop, tokenizer=tokenizer):
+                        return engine_responses(engine, tokenizer, ids, cfg, stop, on_batch)
+
+                else:
+                    if model is None:
+                        with console.status(f"loading {system} ({path})"):
+                            model = load_frozen_lm(path, cfg.dtype)
+
+                    def respond(ids, on_batch, model=model, tokenizer=tokenizer):
+                        return generate_responses(model, tokenizer, ids, cfg.max_new_tokens, cfg.batch_size,
+                                                  cfg.do_sample, cfg.temperature, on_batch)  # fmt: skip
+
                 with progress_bar(console) as progress:
                     task = progress.add_task(f"{system} / {split}", total=len(prompts.items))
                     # a seed per (system, split), so a run's samples do not depend on which others ran before
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(cfg.seed)
                         res = _generate_split(
-                            cfg, model, tokenizer, prompts, on_batch=lambda k, t=task: progress.advance(t, k)
+                            cfg, respond, tokenizer, prompts, on_batch=lambda k, t=task: progress.advance(t, k)
                         )
             responses[system][split] = res
         if need_logp:
@@ -158,6 +172,8 @@ def generate_all(
                     )
         del model
         release_memory()
+    if engines is not None:
+        engines.close()
     return responses, fingerprints
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from salsa_lightning.vllm_engine import Backend, VllmSpec
+
 Judge = Literal["gold", "reward", "llm"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -44,6 +46,11 @@ class JudgedGeneration:
     """Seed of the bootstrap (and of sampling when `do_sample` is on)."""
     dtype: DType = "auto"
     """Weight dtype of every model loaded (auto = bfloat16 on a GPU that supports it, float32 otherwise)."""
+    backend: Backend = "hf"
+    """Who generates the responses: `hf` (transformers' `generate`) or `vllm` (a vLLM engine in this process: adapter
+    systems on one base share one engine; needs `make install VLLM=1`). Scores and log-probs are computed alike."""
+    vllm: VllmSpec = field(default_factory=VllmSpec)
+    """The vLLM engine's settings (`backend: vllm` only)."""
 
 
 def generation_settings(cfg: JudgedGeneration) -> dict[str, Any]:
@@ -58,4 +65,6 @@ def generation_settings(cfg: JudgedGeneration) -> dict[str, Any]:
         "seed": cfg.seed if cfg.do_sample else None,
         # batching changes greedy results only at the rounding level, but it does change them
         "batch_size": cfg.batch_size,
+        # another engine's numerics give other greedy responses (absent for hf: earlier caches stay valid)
+        **({"backend": cfg.backend} if cfg.backend != "hf" else {}),
     }

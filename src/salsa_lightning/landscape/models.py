@@ -77,6 +77,7 @@ class LoraSoupModel:
         base = load_causal_lm(ModelSpec(name_or_path=bases.pop(), dtype=dtype), trainable=False)
         self.model = get_peft_model(base, first.peft_config(), adapter_name=ADAPTER).to(device)
         self.model.requires_grad_(False).eval()
+        self.current = first  # the souped adapter the slot holds (what a vLLM engine is handed)
         self._load(first.state_dict)
 
     def _load(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -88,6 +89,7 @@ class LoraSoupModel:
 
     def set_weights(self, weights: Sequence[float]) -> None:
         souped = soup_lora_adapters(self.adapters, list(weights), allow_extrapolation=self.extrapolate)
+        self.current = souped
         self._load(souped.state_dict)
 
 

@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 
 from salsa_lightning.data import judge as gold
+from salsa_lightning.evaluation.engines import engine_responses, hand_over_soup, soup_engine, stop_ids
 from salsa_lightning.evaluation.generation import generate_responses, response_logprobs
 from salsa_lightning.evaluation.kl import sequence_kl
 from salsa_lightning.evaluation.runtime import default_device, progress_bar, release_memory
@@ -61,14 +62,23 @@ def generate_points(
     with console.status(f"loading the seeds {', '.join(cfg.seeds)}"):
         soup = soup_model(cfg.seeds, cfg.dtype, default_device(), cfg.extrapolate)
     pad = tokenizer.pad_token_id
+    engine = None
+    if cfg.backend == "vllm":  # one engine for every point, handed each point's weights in memory
+        with console.status("starting the vLLM engine"):
+            engine, model_dir = soup_engine(soup, cfg, cfg.seeds)
+        stop = stop_ids(tokenizer, model_dir)
     with progress_bar(console) as progress:
         task = progress.add_task("points", total=len(runs))
         for run in runs:
             soup.set_weights(run.point.weights)
             with torch.random.fork_rng(devices=[]):  # each point's samples independent of which ran before
                 torch.manual_seed(cfg.seed)
-                generated = generate_responses(soup.model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.batch_size,
-                                               cfg.do_sample, cfg.temperature)  # fmt: skip
+                if engine is not None:
+                    hand_over_soup(engine, soup)
+                    generated = engine_responses(engine, tokenizer, prompt_ids, cfg, stop)
+                else:
+                    generated = generate_responses(soup.model, tokenizer, prompt_ids, cfg.max_new_tokens,
+                                                   cfg.batch_size, cfg.do_sample, cfg.temperature)  # fmt: skip
             run.texts = [g.text for g in generated]
             run.token_ids = [g.token_ids for g in generated]
             run.finished = [g.finished for g in generated]
@@ -83,6 +93,8 @@ def generate_points(
                     ref_logp = response_logprobs(soup.model, prompt_ids, run.token_ids, cfg.batch_size, pad)
                     run.kl[label] = sequence_kl(run.logp, ref_logp).tolist()
             progress.advance(task)
+    if engine is not None:
+        engine.close()
     del soup
     release_memory()
 

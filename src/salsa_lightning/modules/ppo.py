@@ -36,7 +36,7 @@ from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec, chec
 from salsa_lightning.ppo.losses import minibatch_losses
 from salsa_lightning.ppo.rollout import RewardSource, Rollout, collect_rollout
 from salsa_lightning.ppo.schedule import schedule_length
-from salsa_lightning.ppo.vllm_rollout import check_vllm_backend, make_engine
+from salsa_lightning.ppo.vllm_rollout import ONE_PROCESS, check_vllm_backend, make_engine
 from salsa_lightning.stage import check_output_dir
 
 
@@ -131,6 +131,8 @@ class PPOModule(L.LightningModule):
                 "`model.ppo.filter_groups` runs on one process only (ranks would run different numbers of minibatches "
                 "and their collectives would not meet); set it to false for multi-process runs."
             )
+        if self.gen.backend == "vllm" and self.trainer.world_size > 1:
+            raise SalsaError(ONE_PROCESS)
         if self.stack is None:
             sharding = (self.device_mesh, self.fsdp) if uses_fsdp2(self) else None
             self.stack = build_stack(self.layout, self.spec, self.policy_init, self.plan.paths, self.reward_model,

@@ -23,6 +23,11 @@ from salsa_lightning.ppo.config import GenerationSpec
 from salsa_lightning.ppo.stack import Stack
 from salsa_lightning.vllm_engine import VllmEngine, pad_logprobs, pad_responses, unpad_prompts
 
+ONE_PROCESS = (
+    "`model.generation.backend: vllm` runs on one process only (each rank would need its own engine, fed from the "
+    "FSDP shards); set backend: hf for multi-process and FSDP runs."
+)
+
 
 def check_vllm_backend(gen: GenerationSpec, rollout_logprobs: bool, quantized: bool) -> None:
     """`backend: vllm` with settings it cannot serve, refused in one sentence before any model loads."""
@@ -43,7 +48,7 @@ def check_vllm_backend(gen: GenerationSpec, rollout_logprobs: bool, quantized: b
     if quantized:
         raise SalsaError(
             f"`{f}: vllm` does not take a 4-bit (QLoRA) base yet; use backend: hf with a 4-bit base, or load the "
-            "base in bf16 (model.quantization: null)."
+            "base unquantised (model.model.quantization: none)."
         )
     require_vllm(f)
 
@@ -51,13 +56,7 @@ def check_vllm_backend(gen: GenerationSpec, rollout_logprobs: bool, quantized: b
 def make_engine(stack: Stack, policy_init: str, gen: GenerationSpec, seed: int) -> VllmEngine:
     """The run's engine, on the base (LoRA layout, with the policy adapter's rank) or on the policy's architecture
     (full layout; its weights are replaced at the first rollout anyway)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        raise SalsaError(
-            "`model.generation.backend: vllm` runs on one process only (each rank would need its own engine and the "
-            "FSDP shards gathered into it); set backend: hf for multi-process and FSDP runs."
-        )
     policy = resolve_model_path(policy_init)
-    weights = next(stack.parameters())
     config = _config(policy)
     context = config.get("max_position_embeddings")
     if stack.layout == "lora":
@@ -65,7 +64,7 @@ def make_engine(stack: Stack, policy_init: str, gen: GenerationSpec, seed: int) 
         base = resolve_model_path(stack.base_path)
         return VllmEngine(base, _base_dtype(stack), gen.vllm, max_lora_rank=rank, seed=seed, context=context)
     model_dir = resolve_model_path(adapter_base(policy)) if is_adapter_dir(policy) else policy
-    return VllmEngine(model_dir, weights.dtype, gen.vllm, seed=seed, context=context)
+    return VllmEngine(model_dir, next(stack.policy.parameters()).dtype, gen.vllm, seed=seed, context=context)
 
 
 def _config(path: str) -> dict:
@@ -113,4 +112,4 @@ def engine_generate(
     return response.to(prompt_ids.device), pad_logprobs(samples, response.shape[1]).to(prompt_ids.device)
 
 
-__all__ = ["check_vllm_backend", "engine_generate", "hand_over_policy", "make_engine"]
+__all__ = ["ONE_PROCESS", "check_vllm_backend", "engine_generate", "hand_over_policy", "make_engine"]
