@@ -288,7 +288,7 @@ def test_the_three_judged_stages_share_one_settings_dataclass():
     from salsa_lightning.soup.config import SoupReport
 
     shared = [f.name for f in fields(JudgedGeneration)]
-    assert shared[:2] == ["limit", "judges"] and shared[-1] == "dtype"
+    assert shared[:2] == ["limit", "judges"] and shared[-3:] == ["dtype", "backend", "vllm"]
     for cls in (EvalConfig, LandscapeConfig, SoupReport):
         assert issubclass(cls, JudgedGeneration)
     assert [f.name for f in fields(SoupReport)] == ["eval_file", *shared]
