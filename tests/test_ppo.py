@@ -583,7 +583,9 @@ def test_filter_groups_trains_on_the_informative_groups_only(pipeline, layout):
     assert [row["train/informative_fraction"] for row in h] == [pytest.approx(2 / 16)] * 2
     assert cli.trainer.global_step == 2 * 2 * 1  # 2 rollouts x 2 epochs x 1 minibatch of the 2 informative rows
     unfiltered = run(pipeline, *args, reward=False, reward_fn="test_ppo:one_for_the_first_prompt")
-    assert unfiltered.trainer.global_step == 2 * 2 * 4 and "train/informative_fraction" not in unfiltered.model.history[0]
+    assert (
+        unfiltered.trainer.global_step == 2 * 2 * 4 and "train/informative_fraction" not in unfiltered.model.history[0]
+    )
 
 
 def test_filter_groups_with_no_informative_group_takes_no_step(pipeline):
