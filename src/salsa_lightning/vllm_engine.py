@@ -65,7 +65,11 @@ class VllmSpec:
     """CUDA: put the engine to sleep (weights offloaded, KV cache freed) while training runs, wake it to generate,
     so training and the engine share one GPU. Ignored on a CPU."""
     enforce_eager: bool = False
-    """Skip CUDA-graph capture / compilation (faster start, slower decoding)."""
+    """Skip CUDA-graph capture / compilation (faster start, slower decoding; always on for a CPU engine)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The engine's weight dtype; auto = that of the weights it serves (the trainer's policy, or the stage's
+    `dtype`). bfloat16 under a float32 trainer decodes faster where bf16 is fast, and `rollout/logprob_diff` then
+    shows what it costs."""
 
     def __post_init__(self) -> None:
         from salsa_lightning.errors import require
@@ -112,9 +116,10 @@ class VllmEngine:
         kv_gb = spec.kv_cache_gb if spec.kv_cache_gb is not None else (None if self.cuda else 1.0)
         max_len = spec.max_model_len or min(context or 4096, 4096)
         lora = {"enable_lora": True, "max_lora_rank": _lora_rank_slot(max_lora_rank), "max_loras": 1}
+        name = spec.dtype if spec.dtype != "auto" else DTYPE_NAMES.get(dtype, "auto")
         self.llm = LLM(
             model=str(model_dir),
-            dtype=DTYPE_NAMES.get(dtype, "auto"),
+            dtype=name,
             seed=seed,
             max_model_len=max_len,
             gpu_memory_utilization=spec.memory_fraction,
@@ -204,6 +209,9 @@ class VllmEngine:
                 top_k=top_k if do_sample and top_k else -1,
                 top_p=top_p if do_sample else 1.0,
                 seed=None if seed is None or not do_sample else seed + i,
+                # only `stop_token_ids` end a response, as `generate` with an explicit eos_token_id does (vLLM would
+                # otherwise also stop at the tokenizer's and generation config's own EOS)
+                ignore_eos=True,
                 stop_token_ids=list(stop_token_ids),
                 logprobs=0 if logprobs else None,  # 0: the sampled token's own log-prob only
                 detokenize=False,
