@@ -253,3 +253,35 @@ def test_merge_lora_is_refused_where_there_is_nothing_to_merge(pipeline, capsys)
     second.base_layer.weight = first.base_layer.weight
     with pytest.raises(SalsaError, match="tied to another module"):
         stack._refuse_tied_merge_targets()
+
+
+# ---------------------------------------------------------------- ppo.frozen_bf16
+@pytest.mark.parametrize("layout", ["lora", "full"])
+def test_frozen_bf16_autocasts_only_the_forwards_nothing_differentiates(pipeline, prompts, layout, monkeypatch):
+    plan = plan_anchors(str(pipeline / "sft1"), "soup", soup=str(pipeline / "soup"))
+    stack = build_stack(layout, FP32, plan.policy_init, plan.paths, str(pipeline / "rm"), "copy")
+    autocast_by_model: dict[str, set[bool]] = {}
+    for method in ("logits", "values", "reward_scores"):
+        real = getattr(stack, method)
+
+        def spy(*args, _real=real, _method=method, **kwargs):
+            name = args[0] if _method == "logits" else _method
+            autocast_by_model.setdefault(name, set()).add(torch.is_autocast_enabled("cpu"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(stack, method, spy)
+    tok, batch = prompts
+
+    def collect(ppo: PPOSpec):
+        torch.manual_seed(0)
+        rewards = RewardSource(max_length=256)
+        return collect_rollout(stack, batch, tok, GenerationSpec(max_new_tokens=8), ppo, plan, rewards, 0.05)
+
+    exact, fast = collect(PPOSpec()), collect(PPOSpec(frozen_bf16=True))
+    assert autocast_by_model == {"policy": {False}, "soup": {False, True}, "init": {False, True},
+                                 "values": {False, True}, "reward_scores": {False, True}}  # fmt: skip
+    assert torch.equal(exact.response, fast.response) and torch.equal(exact.logp, fast.logp)  # the policy's own: fp32
+    for name in ("anchor_logp", "values", "raw_scores"):
+        a, b = getattr(exact, name), getattr(fast, name)
+        assert b.dtype == torch.float32 and not torch.equal(a, b), name  # bf16 rounding, returned as float32
+        assert torch.allclose(a, b, atol=0.1, rtol=0.05), name

@@ -194,3 +194,20 @@ def test_vllm_is_refused_for_multi_process_runs(models):
     module.trainer = SimpleNamespace(world_size=2)
     with pytest.raises(SalsaError, match="one process only"):
         module.configure_model()
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_engine_sleeps_while_training_and_wakes_to_generate(models, tmp_path):
+    """CUDA only (never run yet: no GPU was lent to the sessions that wrote it): the engine shares the GPU with
+    training by sleeping between rollouts, and a PPO run completes with the engine on the GPU."""
+    stack, engine = stack_and_engine(models, "lora")
+    try:
+        stack.cuda()
+        assert engine.sleeps
+        tok, batch = batch_of(models)
+        batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        roll = rollout(stack, tok, batch, engine)
+        assert engine.asleep  # put to sleep after generating, so the update has the GPU
+        assert roll.metrics["rollout/logprob_diff"] < 1e-2
+    finally:
+        engine.close()

@@ -140,6 +140,12 @@ class PPOSpec:
     `anchor: init`, `init` when `anchor: soup`) on every N-th rollout only (the 1st, 1+N-th, ...; counted in
     rollouts, so a resumed run measures the same ones). In between their `objective/kl_<name>` is absent from the
     logs, not zero. Saves (N-1)/N of those forwards; the update's numbers are the same for every N."""
+    frozen_bf16: bool = False
+    """Run the rollout's forwards that nothing differentiates — the anchors' log-probs, the reward model and the
+    critic's "old" values — under bf16 autocast, on hardware that computes bf16 fast (GPUs; CPUs with AVX512-BF16 or
+    AMX: `python -m salsa_lightning.hardware` says which). The policy's own log-probs and everything the update
+    differentiates keep the trainer's precision. Numbers: the KL penalty, the scores and the value baseline carry
+    bf16 rounding (off by default; a no-op under `trainer.precision: bf16-mixed`, which autocasts every forward)."""
 
     @property
     def critic(self) -> bool:

@@ -6,6 +6,7 @@ the order the `rl` package docstring lists them and returns a `Rollout`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from collections.abc import Callable
@@ -128,6 +129,13 @@ def response_logprobs(stack: Stack, name: str, ids, mask, pos, response, tempera
     return rl.logprobs_from_logits(rl.response_logits(logits, response.shape[1]), response, temperature)
 
 
+def frozen_precision(ppo: PPOSpec, device: torch.device):
+    """bf16 autocast for the forwards nothing differentiates, with `ppo.frozen_bf16`; otherwise nothing."""
+    if not ppo.frozen_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def repeat_prompts(batch: dict[str, Any], n: int) -> dict[str, Any]:
     """Each prompt row `n` times in a row (a group's rows contiguous, as the group estimators expect)."""
     if n == 1:
@@ -211,7 +219,8 @@ def collect_rollout(
 
     t0 = time.perf_counter()
     texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(response, resp_mask)]
-    raw_scores = rewards.score(stack, tokenizer, batch["messages"], texts, prompt_ids.device)  # (B,)
+    with frozen_precision(ppo, prompt_ids.device):
+        raw_scores = rewards.score(stack, tokenizer, batch["messages"], texts, prompt_ids.device).float()  # (B,)
     timings["time/score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -234,8 +243,9 @@ def collect_rollout(
             extra["rollout/logprob_diff"] = rl.masked_mean((engine_logp - logp).abs(), resp_mask)
     # the penalty's anchors every rollout; those only logged (plan.logged, not plan.names) every logged_kl_every-th
     measured = [n for n in plan.paths if n in plan.names or every(ppo.logged_kl_every, index)]
-    anchor_logp = {name: response_logprobs(stack, name, ids, mask, pos, response, T) for name in measured}
-    values = rl.response_logits(stack.values(ids, mask, pos), response.shape[1]) if ppo.critic else None  # (B, R)
+    with frozen_precision(ppo, prompt_ids.device):  # nothing below is differentiated
+        anchor_logp = {name: response_logprobs(stack, name, ids, mask, pos, response, T) for name in measured}
+        values = rl.response_logits(stack.values(ids, mask, pos), response.shape[1]).float() if ppo.critic else None
     timings["time/forward"] = time.perf_counter() - t0
 
     refs = torch.stack([anchor_logp[n] for n in plan.names])  # (J, B, R)
