@@ -285,3 +285,29 @@ def test_frozen_bf16_autocasts_only_the_forwards_nothing_differentiates(pipeline
         a, b = getattr(exact, name), getattr(fast, name)
         assert b.dtype == torch.float32 and not torch.equal(a, b), name  # bf16 rounding, returned as float32
         assert torch.allclose(a, b, atol=0.1, rtol=0.05), name
+
+
+# ---------------------------------------------------------------- freed pages handed back inside the update
+@pytest.mark.parametrize("layout", ["lora", "full"])
+def test_freed_pages_are_handed_back_after_every_backward(pipeline, layout, monkeypatch):
+    """Issue 16's profile: the policy part's freed graph stayed resident under the critic part's forward (peak RSS
+    3194 -> 2840 MiB once trimmed). Each backward is followed by a trim before the next forward, and the trims
+    change no number."""
+    from lightning.pytorch import LightningModule
+
+    import salsa_lightning.modules.ppo as ppo_module
+
+    events: list[str] = []
+    real_backward = LightningModule.manual_backward
+    monkeypatch.setattr(ppo_module, "release_freed_memory", lambda: events.append("trim") or True)
+    monkeypatch.setattr(
+        LightningModule, "manual_backward", lambda self, loss, *a, **k: (events.append("backward"),
+                                                                          real_backward(self, loss, *a, **k))[1]
+    )  # fmt: skip
+    args = ("--trainer.max_steps=4", f"--model.layout={layout}")
+    trimmed = curves(run(pipeline, *args))
+    backwards = events.count("backward")
+    assert backwards == 4 * 2  # 4 minibatch steps, the policy part then the critic part
+    assert all(events[i + 1] == "trim" for i, e in enumerate(events) if e == "backward")
+    monkeypatch.setattr(ppo_module, "release_freed_memory", lambda: True)
+    assert_same_curves(trimmed, curves(run(pipeline, *args)))

@@ -219,6 +219,7 @@ class PPOModule(L.LightningModule):
                         opt.zero_grad()  # a part already back-propagated leaves no gradient behind
                         return logs, planned, B
                     self.manual_backward(loss)
+                    release_freed_memory()  # the freed graph's pages, before the next part's forward reuses the heap
                     stats = part_stats  # the last part's hold every statistic
                 self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
