@@ -21,7 +21,7 @@ from llm_judge_server import KEY_ENV, Answer, by_hash, shown, spec
 from salsa_lightning.cli import cli_main, main
 from salsa_lightning.data.tasks import TaskSuiteConfig, build_task_suite
 from salsa_lightning.errors import SalsaError
-from salsa_lightning.evaluation.llm_judge import LLMJudgeSpec
+from salsa_lightning.evaluation.llm_judge import LLMJudgeSpec, read_cache
 from salsa_lightning.landscape import points as points_module
 from salsa_lightning.landscape.config import LandscapeConfig, LineGrid, PlaneGrid
 from salsa_lightning.landscape.grid import (
@@ -401,6 +401,22 @@ def test_unparseable_replies_are_counted_never_tied(inputs, server_factory, temp
     assert results["llm_judge"]["unparseable_replies"] == 4 * 2  # both orders of four points' first prompt
     assert all(row["llm_unparseable"] == ("0" if row["label"] == "soup" else "1")
                for row in csv.DictReader(open(out / "points.csv")))  # fmt: skip
+
+
+def test_a_judge_that_never_answers_usably_still_writes_the_landscape(inputs, server_factory, template, tmp_path,
+                                                                      capsys):  # fmt: skip
+    """Prose for every request: one warning, every point but the reference without an llm score (never ½), the
+    plots and the replies (the cache) written all the same."""
+    server = server_factory(lambda body, attempt: Answer("The response of the first reply is better."))
+    out = tmp_path / "out"
+    results = run_landscape(llm_config(inputs, out, server, template), quiet=True)
+    assert "no usable verdict for any point against seed1" in " ".join(capsys.readouterr().err.split())
+    for r in results["points"]:
+        if r["label"] == "seed1":
+            continue  # the reference: a tie with itself by definition
+        assert r["llm_win_vs_seed1"] is None and r["llm_verdicts"]["unparseable"] == 3
+    assert {"line.png", "judgements.jsonl", "points.csv"} <= {f.name for f in out.iterdir()}
+    assert read_cache(out / "judgements.jsonl")  # the prose replies, kept
 
 
 def test_missing_llm_key_is_one_sentence_before_generation(inputs, server_factory, template, tmp_path, monkeypatch,

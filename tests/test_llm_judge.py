@@ -4,6 +4,7 @@ tie, replies are cached, 429 / 5xx / time-outs are retried, garbage is counted, 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import socket
@@ -311,6 +312,33 @@ def test_evaluate_with_the_llm_judge(tiny_systems, server_factory, template, tmp
     again = run_evaluate(eval_config(tiny_systems, out, spec(server, template), overwrite=True), quiet=True)
     assert len(server.bodies) == 8
     assert again["pairs"] == results["pairs"] and again["llm_judge"]["cached_replies"] == 8
+
+
+def test_a_judge_that_never_answers_usably_leaves_a_table_and_its_replies(tiny_systems, server_factory, template,
+                                                                          tmp_path, capsys):  # fmt: skip
+    """A real small judge model answered every prompt in prose ("The response of the first reply is better."): the
+    run warns in one sentence, writes the table with n = 0, no rates and the unparseable count, and keeps every reply
+    in judgements.jsonl, so a re-run (a fixed template, a better parser) does not pay for them again."""
+    server = server_factory(lambda body, attempt: Answer("The response of the first reply is better."))
+    out = tmp_path / "eval"
+    results = run_evaluate(eval_config(tiny_systems, out, spec(server, template)), quiet=True)
+
+    llm = next(r for r in results["pairs"] if r["judge"] == "llm")
+    assert (llm["n"], llm["unparseable"], llm["failed"]) == (0, 4, 0)
+    assert llm["win_rate"] is None and llm["adjusted_win_rate_ci"] is None
+    gold = next(r for r in results["pairs"] if r["judge"] == "gold")
+    assert gold["n"] == 4 and gold["adjusted_win_rate"] is not None  # the other judges' results stand
+    assert results["llm_judge"]["no_usable_verdict"] == ["base vs other on id"]
+    assert "warning: The llm judge gave no usable verdict for base vs other on id" in capsys.readouterr().err
+    assert "No usable verdict for base vs other on id." in (out / "win_rates.md").read_text()
+    row = next(r for r in csv.DictReader(open(out / "win_rates.csv")) if r["judge"] == "llm")
+    assert (row["n"], row["adjusted_win_rate"], row["unparseable"]) == ("0", "", "4")
+    judgements = [json.loads(line) for line in (out / "judgements.jsonl").read_text().splitlines()]
+    assert [j["verdict"] for j in judgements if j["judge"] == "llm"] == ["unparseable"] * 4
+
+    asked = len(server.bodies)
+    again = run_evaluate(eval_config(tiny_systems, out, spec(server, template), overwrite=True), quiet=True)
+    assert len(server.bodies) == asked == 8 and again["llm_judge"]["cached_replies"] == 8
 
 
 def test_evaluate_refuses_llm_judge_mistakes_before_generating(tiny_systems, server_factory, template, tmp_path):

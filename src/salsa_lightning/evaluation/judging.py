@@ -10,7 +10,6 @@ from typing import Any
 from rich.console import Console
 
 from salsa_lightning.data import judge as gold
-from salsa_lightning.errors import SalsaError
 from salsa_lightning.evaluation.config import EvalConfig
 from salsa_lightning.evaluation.llm_judge import (
     Comparison,
@@ -47,16 +46,29 @@ def judge_with_progress(judge: LLMJudge, comparisons: Sequence[Comparison], cons
         return judge.judge(comparisons, on_reply=lambda done, total: progress.update(task, completed=done, total=total))
 
 
-def check_usable(judged: Sequence[PairJudgement], what: str) -> None:
-    """One sentence when none of `judged` has a usable verdict (a wrong judge model, template or endpoint), rather
-    than a table of nothing."""
-    if judged and not split_verdicts(judged)[0]:
-        first = judged[0].replies
-        example = first[0].error or first[0].text or first[1].error or ""
-        raise SalsaError(
-            f"The llm judge gave no usable verdict for {what} (every prompt unparseable or failed; e.g. "
-            f"{example[:200]!r}); check llm_judge.model, the template and the endpoint."
+def unusable_warning(judged: Sequence[PairJudgement], what: str) -> str | None:
+    """The sentence to print when none of `judged` has a usable verdict (a wrong judge model, template or
+    endpoint), else None. A warning, not an error: the run still writes its table (n = 0, the unparseable and
+    failed counts) and every reply to judgements.jsonl, the cache a re-run with a fixed parser or template reads,
+    so replies that were paid for are never thrown away with the responses they judged."""
+    if not judged or split_verdicts(judged)[0]:
+        return None
+    first = judged[0].replies
+    example = first[0].error or first[0].text or first[1].error or ""
+    return (
+        f"The llm judge gave no usable verdict for {what} (every prompt unparseable or failed; e.g. "
+        f"{example[:200]!r}); check llm_judge.model, the template and the endpoint."
+    )
+
+
+def warn_if_unusable(judged: Sequence[PairJudgement], what: str, console: Console) -> str | None:
+    """`unusable_warning`, printed on `console` (and on stderr when `console` is quiet, so no caller loses it)."""
+    message = unusable_warning(judged, what)
+    if message:
+        (console if not console.quiet else Console(stderr=True, soft_wrap=True)).print(
+            f"[yellow]warning:[/] {message}", markup=True
         )
+    return message
 
 
 def _judge_with_llm(
@@ -77,7 +89,7 @@ def _judge_with_llm(
     judged = judge_with_progress(judge, comparisons, console)
     out = {key: judged[lo:hi] for key, lo, hi in spans}
     for (a, b, split), js in out.items():
-        check_usable(js, f"{a} vs {b} on {split}")
+        warn_if_unusable(js, f"{a} vs {b} on {split}", console)
     return out
 
 
@@ -97,7 +109,7 @@ def judge_pairs(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One win-rate record per (judge, pair, split), bootstrap intervals included, and one judgement per prompt
     (judgements.jsonl: the llm judge's with both orders' replies, which are its cache). The llm judge's prompts
-    without a usable verdict are counted and left out of n."""
+    without a usable verdict are counted and left out of n (n = 0 and no rates when none has one)."""
     llm_judged = _judge_with_llm(llm, pairs, splits, responses, console) if llm else {}
     pair_records, judgements = [], []
     for judge in cfg.judges:
@@ -127,4 +139,9 @@ def llm_note(report: dict[str, Any]) -> str:
         f"{report['cached_replies']} cached replies, {report['prompt_tokens']} prompt + "
         f"{report['completion_tokens']} completion tokens; {report['unparseable_replies']} unparseable replies, "
         f"{report['failed_replies']} failed requests (their prompts are left out of n)."
+        + (
+            f" No usable verdict for {', '.join(report['no_usable_verdict'])}."
+            if report.get("no_usable_verdict")
+            else ""
+        )
     )

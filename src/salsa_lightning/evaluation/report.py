@@ -3,7 +3,8 @@
 Inputs are the plain records `run_evaluate` puts in results.json:
 
 - a pair record: {judge, split, a, b, wins, losses, ties, n, win_rate, win_rate_ci, adjusted_win_rate,
-  adjusted_win_rate_ci}, and for the llm judge {unparseable, failed}: prompts left out of n;
+  adjusted_win_rate_ci}, and for the llm judge {unparseable, failed}: prompts left out of n (the rates and
+  intervals None when n = 0);
 - a system record: {system, split, n, gold_score, reward, length, finished, kl: {reference: value}}.
 """
 
@@ -32,8 +33,20 @@ def _pairs(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     return list(dict.fromkeys((r["a"], r["b"]) for r in records))
 
 
-def _ci(ci: Sequence[float]) -> str:
-    return f"[{ci[0]:.1f}, {ci[1]:.1f}]"
+def _ci(ci: Sequence[float] | None) -> str:
+    return "–" if ci is None else f"[{ci[0]:.1f}, {ci[1]:.1f}]"  # None: no usable verdict (n = 0)
+
+
+def _rate(r: dict[str, Any], key: str) -> str:
+    """A rate with its interval, or a dash where there is none (the llm judge's n = 0)."""
+    return "–" if r[key] is None else f"{r[key]:.2f} {_ci(r[key + '_ci'])}"
+
+
+def _csv_rate(r: dict[str, Any], key: str) -> list[str]:
+    """A rate and its interval's ends as CSV cells (empty where n = 0)."""
+    if r[key] is None:
+        return ["", "", ""]
+    return [f"{r[key]:.4f}", f"{r[key + '_ci'][0]:.4f}", f"{r[key + '_ci'][1]:.4f}"]
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -47,9 +60,8 @@ def write_win_rates_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
         for r in records:
             w.writerow([
                 r["judge"], r["split"], r["a"], r["b"], r["wins"], r["losses"], r["ties"], r["n"],
-                f"{r['win_rate']:.4f}", f"{r['win_rate_ci'][0]:.4f}", f"{r['win_rate_ci'][1]:.4f}",
-                f"{r['adjusted_win_rate']:.4f}", f"{r['adjusted_win_rate_ci'][0]:.4f}",
-                f"{r['adjusted_win_rate_ci'][1]:.4f}", r.get("unparseable", ""), r.get("failed", ""),
+                *_csv_rate(r, "win_rate"), *_csv_rate(r, "adjusted_win_rate"),
+                r.get("unparseable", ""), r.get("failed", ""),
             ])  # fmt: skip
 
 
@@ -81,8 +93,8 @@ def win_rates_markdown(
                     str(r["wins"]),
                     str(r["losses"]),
                     str(r["ties"]),
-                    f"{r['win_rate']:.2f} {_ci(r['win_rate_ci'])}",
-                    f"{r['adjusted_win_rate']:.2f} {_ci(r['adjusted_win_rate_ci'])}",
+                    _rate(r, "win_rate"),
+                    _rate(r, "adjusted_win_rate"),
                 ]
                 cells += [str(r.get("unparseable", 0)), str(r.get("failed", 0))] if left_out else []
             lines.append("| " + " | ".join(cells) + " |")
@@ -116,8 +128,8 @@ def win_rates_table(records: Sequence[dict[str, Any]]) -> Table:
             f"{r['a']} vs {r['b']}",
             r["split"],
             f"{r['wins']}/{r['losses']}/{r['ties']}",
-            f"{r['win_rate']:.2f}",
-            f"[bold]{r['adjusted_win_rate']:.2f}[/]",
+            _fmt(r["win_rate"], 2),
+            f"[bold]{_fmt(r['adjusted_win_rate'], 2)}[/]",
             _ci(r["adjusted_win_rate_ci"]),
             *([f"{r['unparseable']}/{r['failed']}" if "unparseable" in r else ""] if left_out else []),
         )

@@ -63,6 +63,11 @@ def _mean(xs: list[float] | None) -> float | None:
     return float(sum(xs) / len(xs)) if xs else None
 
 
+def _unusable(pair_records: list[dict[str, Any]]) -> list[str]:
+    """The llm judge's comparisons where no prompt got a usable verdict (n = 0), e.g. 'salsa vs ppo on id'."""
+    return [f"{r['a']} vs {r['b']} on {r['split']}" for r in pair_records if r["judge"] == "llm" and r["n"] == 0]
+
+
 def _system_record(system: str, split: str, res: Responses) -> dict[str, Any]:
     return {
         "system": system,
@@ -134,7 +139,7 @@ def run_evaluate(cfg: EvalConfig, quiet: bool = False) -> dict[str, Any]:
                 for s, p in splits.items()
             },
             "bootstrap": {"samples": cfg.bootstrap_samples, "seed": cfg.seed, "confidence": 0.95},
-            **({"llm_judge": llm.report()} if llm else {}),
+            **({"llm_judge": {**llm.report(), "no_usable_verdict": _unusable(pair_records)}} if llm else {}),
         }
         notes = {"llm": llm_note(results["llm_judge"])} if llm else {}
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")

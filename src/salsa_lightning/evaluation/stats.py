@@ -114,12 +114,16 @@ def bootstrap_interval(
 
 def win_rate_summary(
     verdicts: Sequence[str], samples: int = 1000, seed: int = 0, confidence: float = 0.95
-) -> dict[str, float | int | list[float]]:
+) -> dict[str, float | int | list[float] | None]:
     """Counts, both rates and their bootstrap intervals for one pair's verdicts on one prompt set.
 
     Both intervals come from the same resampled prompts (one seed), so they are consistent with each other.
+    No verdicts (an llm judge that answered nothing usable): n = 0, and the rates and intervals are None.
     """
     c = count_verdicts(verdicts)
+    if c.n == 0:
+        none = {"win_rate": None, "win_rate_ci": None, "adjusted_win_rate": None, "adjusted_win_rate_ci": None}
+        return {"wins": 0, "losses": 0, "ties": 0, "n": 0, **none}
     wr_ci = bootstrap_interval(100.0 * verdict_points(verdicts, 0.0), samples, seed, confidence)
     adj_ci = bootstrap_interval(100.0 * verdict_points(verdicts, 0.5), samples, seed, confidence)
     return {

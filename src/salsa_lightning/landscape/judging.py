@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from salsa_lightning.evaluation.judging import check_usable, judge_with_progress
+from salsa_lightning.evaluation.judging import judge_with_progress, warn_if_unusable
 from salsa_lightning.evaluation.llm_judge import LLMJudge, comparison, read_cache
 from salsa_lightning.landscape.points import PointRun
 
@@ -27,14 +27,15 @@ def judge_points(
     """`run.llm` for every run: its responses against those of the run labelled `reference`, prompt by prompt
     (`messages`: each prompt's conversation). Returns the judgements.jsonl records (the reference has none).
 
-    Raises a `SalsaError` when no point got a single usable verdict (a wrong judge model, template or endpoint).
+    Warns when no point got a single usable verdict (a wrong judge model, template or endpoint); the points'
+    llm scores are then None, their verdicts counted as unparseable or failed.
     """
     ref = next(r for r in runs if r.point.label == reference)
     others = [r for r in runs if r is not ref]
     n = len(messages)
     comparisons = [comparison(m, run.texts[i], m, ref.texts[i]) for run in others for i, m in enumerate(messages)]
     judged = judge_with_progress(judge, comparisons, console)
-    check_usable(judged, f"any point against {reference}")
+    warn_if_unusable(judged, f"any point against {reference}", console)
     records = []
     for k, run in enumerate(others):
         js = judged[k * n : (k + 1) * n]  # this point's n comparisons
