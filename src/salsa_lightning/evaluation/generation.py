@@ -128,9 +128,15 @@ def response_logprobs(
         r_mask = pad_sequences([[1] * len(s) for s in responses], 0, side="right")  # (b, R)
         ids = torch.cat([p_ids, r_ids], dim=1).to(device)  # (b, P+R)
         mask = torch.cat([p_mask, r_mask], dim=1).to(device)  # (b, P+R)
+        # only the R + 1 last positions through the vocabulary projection: the prompt's logits are never used
+        keep = r_ids.shape[1] + 1
         logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
-        ).logits  # (b, P+R, V)
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits  # (b, R+1, V)
         logp = logprobs_from_logits(response_logits(logits, r_ids.shape[1]), r_ids.to(device)).float().cpu()  # (b, R)
         for row, i in enumerate(batch):
             out[i] = logp[row, : len(response_ids[i])]

@@ -14,6 +14,7 @@ from salsa_lightning.evaluation.kl import sequence_kl
 from salsa_lightning.evaluation.responses import Responses
 from salsa_lightning.evaluation.runtime import default_device, load_frozen_lm, release_memory
 from salsa_lightning.evaluation.splits import SplitPrompts
+from salsa_lightning.models.loading import canonical_model_ref
 
 
 def measure_kl(
@@ -25,10 +26,20 @@ def measure_kl(
     """`res.kl[ref]`: KL(system ‖ ref) per response, for each of `cfg.kl_reference`, on the system's own responses
     (their `logp` must be set)."""
     for ref, path in (cfg.kl_reference or {}).items():
+        # a system that IS the reference (the SFT init in the quickstart) has its own log-probs already: its
+        # reference pass would repeat them exactly (same model, same batches), so it is skipped
+        same = {s for s in responses if canonical_model_ref(cfg.systems[s]) == canonical_model_ref(path)}
+        for system in same:
+            for res in responses[system].values():
+                res.kl[ref] = sequence_kl(res.logp, res.logp).tolist()
+        if not set(responses) - same:
+            continue
         with console.status(f"KL to {ref}: loading {path}"):
             model = load_frozen_lm(path, cfg.dtype)
         with console.status(f"KL to {ref}"):
             for system, by_split in responses.items():
+                if system in same:
+                    continue
                 # the system's pad id, as in its own pass: the two passes then see identical batches
                 pad_id = tokenizers[("System", system)].pad_token_id
                 for res in by_split.values():
