@@ -217,6 +217,10 @@ def test_garbage_and_malformed_replies_are_counted_as_unparseable(server_factory
     assert judge.usage.unparseable_replies == 4 and judge.usage.failed_replies == 0
     # the prose is cached (asking again at temperature 0 gives the same); the broken bodies are not
     assert {judged[0].replies[0].key, judged[0].replies[1].key} == set(judge.cache)
+    # asked again from the cache: the same verdicts, and the cached prose still counts as unparseable
+    again = LLMJudge(spec(server, template), cache=judge.cache)
+    assert [j.verdict for j in again.judge(GOOD_BAD[:1])] == ["unparseable"]
+    assert again.usage.cached_replies == 2 and again.usage.unparseable_replies == 2 and again.usage.requests == 0
 
 
 def test_concurrency_is_bounded(server_factory, template):

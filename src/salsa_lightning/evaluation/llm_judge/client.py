@@ -31,7 +31,7 @@ class JudgeUsage:
     retries: int = 0
     cached_replies: int = 0
     failed_replies: int = 0  # no reply after every retry (or a 4xx)
-    unparseable_replies: int = 0  # a reply without a readable verdict
+    unparseable_replies: int = 0  # a reply without a readable verdict, cached or new
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -183,6 +183,9 @@ class LLMJudge:
                         cached=True,
                     )  # fmt: skip
                     self.usage.cached_replies += 1
+                    # a cached prose reply is as unusable as a fresh one: the count describes every reply this
+                    # run's tables used, so a cached re-run does not report "0 unparseable" beside a table of them
+                    self.usage.unparseable_replies += replies[key].choice is None
                 else:
                     pending[key] = self.template.messages(c.question, x, y)
         if pending:
