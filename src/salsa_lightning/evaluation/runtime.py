@@ -15,8 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from salsa_lightning.models.loading import (
     ModelSpec,
     canonical_model_ref,
-    is_peft_model,
     load_causal_lm,
+    merge_if_peft,
     resolve_model_path,
 )
 
@@ -32,13 +32,11 @@ def load_frozen_lm(path: str, dtype: str):
     An adapter directory comes back folded into its base (`merge_and_unload`): the same function (to float
     rounding) without LoRA's two extra matmuls and PEFT's Python per wrapped layer at every decoding step —
     measured on the quickstart's r16 adapters on a 2-core CPU, greedy generation 1.2-1.6x and response log-probs
-    1.3x faster, the same greedy tokens. The base is never quantized here (these stages load in `dtype`), so
-    the fold is exact up to rounding.
+    1.3x faster, the same greedy tokens. The base is never quantized here (these stages load in `dtype`), so no
+    re-quantization enters the fold.
     """
     model = load_causal_lm(ModelSpec(name_or_path=path, dtype=dtype), trainable=False)
-    if is_peft_model(model):
-        model = model.merge_and_unload()
-    return model.to(default_device())
+    return merge_if_peft(model).to(default_device())
 
 
 def release_memory() -> None:

@@ -28,21 +28,22 @@ def measure_kl(
     for ref, path in (cfg.kl_reference or {}).items():
         # a system that IS the reference (the SFT init in the quickstart) has its own log-probs already: its
         # reference pass would repeat them exactly (same model, same batches), so it is skipped
-        same = {s for s in responses if canonical_model_ref(cfg.systems[s]) == canonical_model_ref(path)}
-        for system in same:
-            for res in responses[system].values():
+        others = []
+        for system, by_split in responses.items():
+            if canonical_model_ref(cfg.systems[system]) != canonical_model_ref(path):
+                others.append(system)
+                continue
+            for res in by_split.values():
                 res.kl[ref] = sequence_kl(res.logp, res.logp).tolist()
-        if not set(responses) - same:
+        if not others:
             continue
         with console.status(f"KL to {ref}: loading {path}"):
             model = load_frozen_lm(path, cfg.dtype)
         with console.status(f"KL to {ref}"):
-            for system, by_split in responses.items():
-                if system in same:
-                    continue
+            for system in others:
                 # the system's pad id, as in its own pass: the two passes then see identical batches
                 pad_id = tokenizers[("System", system)].pad_token_id
-                for res in by_split.values():
+                for res in responses[system].values():
                     ref_logp = response_logprobs(model, res.prompt_ids, res.token_ids, cfg.batch_size, pad_id)
                     res.kl[ref] = sequence_kl(res.logp, ref_logp).tolist()
         del model

@@ -347,3 +347,8 @@ def is_peft_model(model) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
+
+
+def merge_if_peft(model):
+    """`model` with any PEFT adapter folded into its base weights (`merge_and_unload`); other models as they are."""
+    return model.merge_and_unload() if is_peft_model(model) else model

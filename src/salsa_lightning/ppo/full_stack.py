@@ -21,6 +21,7 @@ from salsa_lightning.models.loading import (
     enable_gradient_checkpointing,
     is_adapter_dir,
     load_causal_lm,
+    merge_if_peft,
     resolve_model_path,
 )
 from salsa_lightning.models.spec import ModelSpec
@@ -117,7 +118,7 @@ class FullStack(nn.Module):
             _set_pad(model, pad)
             return model
         model = load_reward_model(replace(spec, name_or_path=path, lora=None), trainable=False, pad_token_id=pad)
-        return _merge_if_peft(model)
+        return merge_if_peft(model)
 
     def generate(self, **kwargs) -> torch.Tensor:
         with _generation_context(self.policy, self.fsdp):
@@ -152,9 +153,3 @@ class FullStack(nn.Module):
         self.policy.save_pretrained(
             directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {})
         )
-
-
-def _merge_if_peft(model):
-    from peft import PeftModel
-
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model

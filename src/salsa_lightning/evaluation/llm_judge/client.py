@@ -185,7 +185,8 @@ class LLMJudge:
                     self.usage.cached_replies += 1
                     # a cached prose reply is as unusable as a fresh one: the count describes every reply this
                     # run's tables used, so a cached re-run does not report "0 unparseable" beside a table of them
-                    self.usage.unparseable_replies += replies[key].choice is None
+                    if replies[key].choice is None:
+                        self.usage.unparseable_replies += 1
                 else:
                     pending[key] = self.template.messages(c.question, x, y)
         if pending:
