@@ -229,3 +229,34 @@ def test_new_score_head_is_not_reported_but_other_missing_weights_are():
     assert records({"missing_keys": {"score.weight"}}, "LOAD REPORT score.weight MISSING") == 0
     assert records({"missing_keys": {"score.weight", "model.norm.weight"}}, "score.weight model.norm.weight") == 1
     assert records({"missing_keys": set(), "unexpected_keys": {"x"}}, "LOAD REPORT x UNEXPECTED") == 1
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_training_set_reward_stats_score_every_sequence_under_the_trainers_precision(
+    tiny_model_dir, pref_data, tmp_path, precision
+):
+    """The manifest's reward statistics are the final model's scores over every training sequence, each scored as
+    PPO scores it (under the trainer's autocast), whatever order and batches the length-sorted pass used."""
+    out = tmp_path / "rm"
+    cli = cli_main(reward_args(str(tiny_model_dir), str(pref_data), str(out), "--trainer.max_steps=2",
+                               "--data.batch_size=4", f"--trainer.precision={precision}"))  # fmt: skip
+    module, train_set = cli.model, cli.datamodule.train_set
+    autocast_seen = []
+    hook = module.model.register_forward_hook(lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu")))
+    stats = module.training_set_reward_stats()
+    hook.remove()
+    assert autocast_seen and all(a == (precision == "bf16-mixed") for a in autocast_seen)
+
+    seqs = [s for key in ("chosen_ids", "rejected_ids") for s in train_set[key]]
+    lengths = {len(s) for s in seqs}
+    assert len(lengths) > 1  # the sorted pass had different lengths to order
+    module.model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        one_by_one = torch.stack([module(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0] for s in seqs])
+    one_by_one = one_by_one.double()
+    manifest = json.loads((out / MANIFEST_NAME).read_text())["reward_stats"]
+    tol = 1e-5 if precision == "32-true" else 2e-2  # bf16: the padded batch's rounding differs from a lone row's
+    assert manifest["count"] == stats["count"] == len(seqs)
+    assert manifest["mean"] == pytest.approx(stats["mean"])  # the pass on_fit_end ran is the one re-run here
+    assert stats["mean"] == pytest.approx(float(one_by_one.mean()), abs=tol * float(one_by_one.std()))
+    assert stats["std"] == pytest.approx(float(one_by_one.std()), rel=tol)

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from salsa_lightning.data.collate import pad_sequences
 from salsa_lightning.distributed import (
     FSDPSpec,
     forward_through_root,
@@ -130,17 +131,26 @@ class RewardModule(ResumableStage):
     def training_set_reward_stats(self) -> dict[str, float]:
         """Mean/std of the reward over every training sequence (chosen and rejected), with the final weights.
 
-        Runs on every rank (sharded models need all ranks in each forward), each over the whole set.
+        Scored under the trainer's precision (`bf16-mixed`: the autocast PPO scores under; `on_fit_end` is outside
+        Lightning's forward context), in length order: the set is only scored, so no batch needs mixed lengths
+        (the quickstart's pairs padded in file order were 1.75x their real tokens, sorted 1.04x). Runs on every
+        rank (sharded models need all ranks in each forward), each over the whole set (not the rank's shard).
         """
         was_training = self.model.training
         self.model.eval()
-        moments = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares (rl.masked_moments)
         dm = self.trainer.datamodule
-        loader = dm._loader(dm.train_set, shuffle=False)  # the whole set on every rank (not the rank's shard)
-        for batch in loader:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            r = forward_through_root(self, "score_batch", batch["input_ids"], batch["attention_mask"]).cpu()
-            moments += masked_moments(r, torch.ones_like(r, dtype=torch.bool))
+        seqs = sorted(
+            (s for key in ("chosen_ids", "rejected_ids") for s in dm.train_set[key]), key=len
+        )  # every rank the same order: a sharded forward needs the same shapes on every rank
+        size, pad = 2 * dm.hparams.batch_size, self.tokenizer.pad_token_id  # the rows of one training forward
+        moments = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares (rl.masked_moments)
+        with self.trainer.precision_plugin.forward_context():
+            for start in range(0, len(seqs), size):
+                chunk = seqs[start : start + size]
+                ids = pad_sequences(chunk, pad).to(self.device)
+                mask = pad_sequences([[1] * len(s) for s in chunk], 0).to(self.device)
+                r = forward_through_root(self, "score_batch", ids, mask).float().cpu()
+                moments += masked_moments(r, torch.ones_like(r, dtype=torch.bool))
         self.model.train(was_training)
         mean, var = mean_var_from_moments(moments, unbiased=True)
         return {"mean": float(mean), "std": float(var.sqrt()), "count": int(moments[0])}

@@ -189,7 +189,7 @@ class LoraStack(nn.Module):
     def generate(self, **kwargs) -> torch.Tensor:
         self._use(POLICY)
         merged = self.merged_policy() if self.merge_lora else contextlib.nullcontext()
-        with _generation_context(unwrap(self.model), self.fsdp), merged:
+        with merged, _generation_context(unwrap(self.model), self.fsdp):  # merged first: the cast reads the merge
             return self.model.generate(**kwargs)
 
     def _policy_lora_layers(self) -> Iterator[tuple[str, Any]]:

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from salsa_lightning.distributed import FSDPSpec, gathered
+from salsa_lightning.models.precision import linear_weights_cast_once
 from salsa_lightning.reward.model import module_output, unwrap
 
 POLICY = "policy"  # the name `Stack.logits` knows the trained policy by; every other name is an anchor
@@ -79,10 +80,12 @@ def checkpoint_in_eval_mode(model) -> None:
 
 
 def _generation_context(model, spec: FSDPSpec | None):
-    """Sharded: keep the policy's layers gathered for the whole `generate` (see distributed.gathered)."""
-    if spec is not None and spec.gather_for_generation:
-        return gathered(model, spec)
-    return contextlib.nullcontext()
+    """Sharded: keep the policy's layers gathered for the whole `generate` (see distributed.gathered). Not sharded:
+    under bf16 autocast, the Linear weights cast once for the whole `generate`, not once per token
+    (`models.precision`; the same tokens)."""
+    if spec is not None:
+        return gathered(model, spec) if spec.gather_for_generation else contextlib.nullcontext()
+    return linear_weights_cast_once(model)
 
 
 __all__ = ["POLICY", "Stack"]
