@@ -13,6 +13,7 @@ from salsa_lightning.evaluation.generation import response_logprobs
 from salsa_lightning.evaluation.responses import Responses
 from salsa_lightning.evaluation.runtime import load_frozen_lm
 from salsa_lightning.models.loading import is_peft_model
+from salsa_lightning.reward.scoring import RewardScorer
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_a_system_that_is_the_kl_reference_is_not_scored_again(tmp_path, monkeyp
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    loaded, scored = [], []
+    loaded, scored, batch_sizes = [], [], []
 
     def fake_load(path, dtype):
         loaded.append(path)
@@ -84,6 +85,7 @@ def test_a_system_that_is_the_kl_reference_is_not_scored_again(tmp_path, monkeyp
 
     def fake_logprobs(model, prompt_ids, response_ids, batch_size, pad_token_id):
         scored.append(len(response_ids))
+        batch_sizes.append(batch_size)
         return [torch.full((len(r),), -1.0) for r in response_ids]
 
     monkeypatch.setattr(scoring, "load_frozen_lm", fake_load)
@@ -91,10 +93,12 @@ def test_a_system_that_is_the_kl_reference_is_not_scored_again(tmp_path, monkeyp
     own = [torch.tensor([-0.5, -0.25]), torch.tensor([-2.0])]
     responses = {"a": {"id": _responses(own)}, "b": {"id": _responses([torch.tensor([-0.5])])}}
     tokenizers = {("System", "a"): tiny_tokenizer, ("System", "b"): tiny_tokenizer}
-    cfg = EvalConfig(systems={"a": str(a), "b": str(b)}, eval_files={}, kl_reference={"init": f"{a}/"})
+    cfg = EvalConfig(systems={"a": str(a), "b": str(b)}, eval_files={}, kl_reference={"init": f"{a}/"},
+                     batch_size=64, score_batch_size=3)  # fmt: skip
 
     scoring.measure_kl(cfg, responses, tokenizers, Console(quiet=True))
     assert loaded == [f"{a}/"] and scored == [1]  # the reference is loaded once, for `b` only
+    assert batch_sizes == [3]  # the scoring forwards' batch, not generation's
     assert responses["a"]["id"].kl["init"] == [0.0, 0.0]
     assert responses["b"]["id"].kl["init"] == [pytest.approx(0.5)]  # -0.5 - (-1.0)
 
@@ -103,3 +107,23 @@ def test_a_system_that_is_the_kl_reference_is_not_scored_again(tmp_path, monkeyp
     only_a = EvalConfig(systems={"a": str(a)}, eval_files={}, kl_reference={"init": str(a)})
     scoring.measure_kl(only_a, {"a": {"id": _responses(own)}}, tokenizers, Console(quiet=True))
     assert loaded == []
+
+
+def test_reward_scores_of_length_sorted_batches_come_back_in_input_order(tiny_model_dir):
+    """The scorer batches the longest rows together; each score still belongs to its own row and equals that row
+    scored alone."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    prompts = ["1+1?", "what is 12 + 30, please answer quickly", "2+2?", "a much longer question " * 6, "3+4?"]
+    responses = ["2", "42", "4 " * 9, "yes", "7"]
+    batched = RewardScorer(model, tokenizer, batch_size=2).score(prompts, responses)
+    alone = torch.cat(
+        [RewardScorer(model, tokenizer, batch_size=1).score([p], [r]) for p, r in zip(prompts, responses)]
+    )
+    assert batched.shape == (5,) and batched.dtype == torch.float32
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    assert len(set(batched.tolist())) == 5  # distinct scores: a permuted result could not pass the comparison

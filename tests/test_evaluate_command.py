@@ -252,6 +252,7 @@ def test_quickstart_eval_config_parses(monkeypatch, capsys):
         ({"systems": {"bad/name": "x"}}, "file names"),
         ({"plot_pair": ["sft", "nope"]}, "plot_pair"),
         ({"reward_tie_margin": -1.0}, "reward_tie_margin"),
+        ({"score_batch_size": 0}, "score_batch_size"),
     ],
 )
 def test_bad_input_is_refused_and_leaves_nothing(systems, tmp_path, overrides, match):

@@ -71,7 +71,7 @@ def check_judges(cfg, known: Sequence[str] = ("gold", "reward", "llm")) -> None:
 
 def check_generation_settings(cfg) -> None:
     """The generation and statistics settings evaluate and landscape share: one sentence for a bad one."""
-    for key in ("max_new_tokens", "max_prompt_length", "batch_size", "bootstrap_samples"):
+    for key in ("max_new_tokens", "max_prompt_length", "batch_size", "score_batch_size", "bootstrap_samples"):
         if getattr(cfg, key) < 1:
             raise SalsaError(f"{key} must be >= 1, got {getattr(cfg, key)}; set a positive value.")
     if cfg.limit is not None and cfg.limit < 1:

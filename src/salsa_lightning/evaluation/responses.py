@@ -168,7 +168,7 @@ def generate_all(
             with console.status(f"{system}: log-probs of its responses"):
                 for res in responses[system].values():
                     res.logp = response_logprobs(
-                        model, res.prompt_ids, res.token_ids, cfg.batch_size, tokenizer.pad_token_id
+                        model, res.prompt_ids, res.token_ids, cfg.score_batch_size, tokenizer.pad_token_id
                     )
         del model
         release_memory()

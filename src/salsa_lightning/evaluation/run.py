@@ -191,6 +191,7 @@ def _manifest(
             "do_sample": cfg.do_sample,
             "temperature": cfg.temperature if cfg.do_sample else None,
             "batch_size": cfg.batch_size,
+            "score_batch_size": cfg.score_batch_size,
         },
         "seed": cfg.seed,
         "device": str(default_device()),

@@ -44,7 +44,7 @@ def measure_kl(
                 # the system's pad id, as in its own pass: the two passes then see identical batches
                 pad_id = tokenizers[("System", system)].pad_token_id
                 for res in responses[system].values():
-                    ref_logp = response_logprobs(model, res.prompt_ids, res.token_ids, cfg.batch_size, pad_id)
+                    ref_logp = response_logprobs(model, res.prompt_ids, res.token_ids, cfg.score_batch_size, pad_id)
                     res.kl[ref] = sequence_kl(res.logp, ref_logp).tolist()
         del model
         release_memory()
@@ -56,7 +56,7 @@ def score_rewards(cfg: EvalConfig, responses: dict[str, dict[str, Responses]], c
 
     with console.status(f"scoring with the reward model {cfg.reward_model}"):
         scorer = RewardScorer.from_output(
-            cfg.reward_model, dtype=cfg.dtype, device=default_device(), batch_size=cfg.batch_size
+            cfg.reward_model, dtype=cfg.dtype, device=default_device(), batch_size=cfg.score_batch_size
         )
         for by_split in responses.values():
             for res in by_split.values():

@@ -35,7 +35,10 @@ class JudgedGeneration:
     max_prompt_length: int = 512
     """Longer prompts keep their last tokens (how many were cut is recorded in the output)."""
     batch_size: int = 16
-    """Prompts per generation / scoring batch."""
+    """Prompts per generation batch (decoding a small model is bound by per-step overhead: larger batches help)."""
+    score_batch_size: int = 16
+    """Rows per forward when responses are scored (their log-probs for the KL, the reward model), longest first:
+    these forwards are bound by compute, so smaller batches of similar lengths spend less of it on padding."""
     do_sample: bool = False
     """Sample instead of greedy decoding (greedy, the default, makes a run repeatable)."""
     temperature: float = 1.0

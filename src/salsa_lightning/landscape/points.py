@@ -82,7 +82,7 @@ def generate_points(
             run.texts = [g.text for g in generated]
             run.token_ids = [g.token_ids for g in generated]
             run.finished = [g.finished for g in generated]
-            run.logp = response_logprobs(soup.model, prompt_ids, run.token_ids, cfg.batch_size, pad)
+            run.logp = response_logprobs(soup.model, prompt_ids, run.token_ids, cfg.score_batch_size, pad)
             progress.advance(task)
         labels = list(dict.fromkeys(ref for run in runs for ref in references(run.point, n)))
         task = progress.add_task("KL references", total=len(labels))
@@ -90,7 +90,7 @@ def generate_points(
             soup.set_weights(ref_weights[label])
             for run in runs:
                 if label in references(run.point, n):
-                    ref_logp = response_logprobs(soup.model, prompt_ids, run.token_ids, cfg.batch_size, pad)
+                    ref_logp = response_logprobs(soup.model, prompt_ids, run.token_ids, cfg.score_batch_size, pad)
                     run.kl[label] = sequence_kl(run.logp, ref_logp).tolist()
             progress.advance(task)
     if engine is not None:
@@ -106,7 +106,7 @@ def score_points(cfg: LandscapeConfig, prompts, runs: list[PointRun], console: C
 
         with console.status(f"scoring with the reward model {cfg.reward_model}"):
             scorer = RewardScorer.from_output(
-                cfg.reward_model, dtype=cfg.dtype, device=default_device(), batch_size=cfg.batch_size
+                cfg.reward_model, dtype=cfg.dtype, device=default_device(), batch_size=cfg.score_batch_size
             )
             for run in runs:
                 run.reward = scorer.score(prompts.messages, run.texts).tolist()

@@ -161,7 +161,8 @@ def run_landscape(cfg: LandscapeConfig, quiet: bool = False) -> dict[str, Any]:
     tokenizer = load_tokenizer(ModelSpec(cfg.seeds[0]), padding_side="left")
     prompt_ids, truncated = encode_prompts(tokenizer, prompts.messages, cfg.max_prompt_length)
     signatures = [model_signature(p) for p in cfg.seeds]
-    settings = {**generation_settings(cfg), "device": str(default_device())}  # what decides responses
+    # what decides the responses, and the cached KLs' batches (rounding-level, but they do change them)
+    settings = {**generation_settings(cfg), "device": str(default_device()), "score_batch_size": cfg.score_batch_size}
     runs = [PointRun(p, cache_key(signatures, p.weights, prompts.messages, settings)) for p in points]
     sources = _cache_sources(cfg)
     todo = [r for r in runs if not _from_cache(r, sources, len(prompt_ids), references(r.point, n))]

@@ -61,13 +61,18 @@ class RewardScorer:
             raise SalsaError(
                 "Reward normalisation needs the reward stage's stats with std > 0; re-run the reward stage."
             )
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         device = next(self.model.parameters()).device
-        out = []
-        for start in range(0, len(prompts), self.batch_size):
-            end = start + self.batch_size
-            ids, mask = encode_for_reward(self.tokenizer, prompts[start:end], responses[start:end], self.max_length)
-            out.append(sequence_scores(self.model, ids.to(device), mask.to(device)).cpu())
-        scores = torch.cat(out) if out else torch.empty(0)
+        seqs = [encode_left_truncated(self.tokenizer, conversation(p, r), self.max_length)[0]
+                for p, r in zip(prompts, responses)]  # fmt: skip
+        # longest first, in batches of similar lengths: a batch in input order pads every row to its longest
+        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
+        scores = torch.empty(len(seqs))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            ids, mask = pad_with_mask([seqs[i] for i in rows], self.tokenizer.pad_token_id)
+            scores[rows] = sequence_scores(self.model, ids.to(device), mask.to(device)).float().cpu()
         if normalize:
             scores = normalize_scores(scores, self.stats["mean"], self.stats["std"])
         return scores
