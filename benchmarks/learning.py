@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from salsa_lightning.hardware import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 QS = ROOT / "outputs" / "quickstart"
@@ -179,8 +180,11 @@ def run_arm(
 ) -> dict:
     cached = out / "arm.json"
     if cached.exists():
-        print(f"== {out.name}: cached", flush=True)
-        return json.loads(cached.read_text())
+        result = json.loads(cached.read_text())
+        if result.get("precision", precision) == precision:  # (a record from before precisions were kept: reused)
+            print(f"== {out.name}: cached", flush=True)
+            return result
+        print(f"== {out.name}: cached at {result['precision']}, run again at {precision}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     evals = {"id": str(QS / "data" / "eval_id.jsonl"), "ood": str(QS / "data" / "eval_ood.jsonl")}
     cmd = [
@@ -201,7 +205,7 @@ def run_arm(
     history = json.loads((out / "policy" / "history.json").read_text())
     times = [sum(v for k, v in h.items() if k.startswith("time/")) for h in history]
     result = {
-        "estimator": estimator, "anchor": anchor, "seed": seed, "wall_s": wall,
+        "estimator": estimator, "anchor": anchor, "seed": seed, "precision": precision, "wall_s": wall,
         "s_per_update": sum(times) / max(len(times), 1),
         "optimize_s": sum(h["time/optimize"] for h in history) / max(len(history), 1),
         "forward_s": sum(h["time/forward"] for h in history) / max(len(history), 1),
@@ -227,8 +231,9 @@ def summarise(result: dict, split: str) -> dict:
 
 def report(results: list[dict], out: Path) -> str:
     lines = [
-        f"machine: {platform.machine()} {platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
+        f"machine: {describe_machine()}, torch {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
+        f"precision: {', '.join(sorted({r.get('precision', '?') for r in results}))}",
         "",
         "| arm | seed | updates | split | gold before | gold after | gain [95% CI] | KL init | KL soup | s/update | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

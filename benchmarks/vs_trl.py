@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -286,13 +285,9 @@ def child(system: str, paths_file: str, updates: int, out: str, options: argpars
 
 # ----------------------------------------------------------------------------- the comparison
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+    from salsa_lightning.hardware import describe_machine
+
+    return describe_machine()
 
 
 def summarise(results: dict[str, list[dict]]) -> list[dict]:

@@ -32,5 +32,26 @@ def generation_dtype() -> str:
     return "bfloat16" if fast_bf16() else "float32"
 
 
+def describe_machine() -> str:
+    """One line for a benchmark's output: the CPU's name, cores, RAM, OS, and whether bf16 is native here (the speed
+    of every bf16 number depends on it; a VM's CPU name often does not say)."""
+    import os
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        info = ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    found = [f for f in _BF16_CPU_FLAGS if f in info]
+    if torch.cuda.is_available():
+        bf16 = "bf16 on the GPU" if fast_bf16() else "no bf16 on the GPU"
+    else:
+        bf16 = f"native bf16 ({', '.join(found)})" if fast_bf16() else "no native bf16 (float32 runs)"
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, {bf16}"
+
+
 if __name__ == "__main__":  # `python -m salsa_lightning.hardware` prints both, for scripts
     print(training_precision(), generation_dtype())
