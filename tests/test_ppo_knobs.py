@@ -311,3 +311,38 @@ def test_freed_pages_are_handed_back_after_every_backward(pipeline, layout, monk
     assert all(events[i + 1] == "trim" for i, e in enumerate(events) if e == "backward")
     monkeypatch.setattr(ppo_module, "release_freed_memory", lambda: True)
     assert_same_curves(trimmed, curves(run(pipeline, *args)))
+
+
+# ---------------------------------------------------------------- bf16-mixed generation: weights cast once
+@pytest.mark.parametrize("merge", [False, True])
+def test_bf16_mixed_generation_casts_the_weights_once_and_samples_alike(pipeline, prompts, merge):
+    """Under bf16 autocast (`trainer.precision: bf16-mixed`), the stack generates with bf16 copies of its Linear
+    weights (merged first with `merge_lora`) and samples exactly the tokens of per-call casts; afterwards every
+    weight is its float32 self again."""
+    tok, batch = prompts
+    stack = build_stack("lora", FP32, str(pipeline / "sft1"), {"init": str(pipeline / "sft1")}, None, "copy",
+                        merge_lora=merge)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in stack.named_parameters()}
+    q_proj = next(m for n, m in stack.model.named_modules() if n.endswith("q_proj.base_layer"))
+    dtypes = []
+    q_proj.register_forward_pre_hook(lambda m, _: dtypes.append(m.weight.dtype))
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=10,
+                  do_sample=True, top_k=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+
+    def sample(generate):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            return generate(**kwargs)
+
+    cast_once = sample(stack.generate)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    if merge:
+        with stack.merged_policy(), torch.no_grad():
+            per_call = sample(stack.model.generate)
+    else:
+        with torch.no_grad():
+            per_call = sample(stack.model.generate)  # the model's own generate: autocast casts at every call
+    assert torch.float32 in dtypes[len(dtypes) // 2 :]  # (the per-call run saw float32 weights)
+    assert torch.equal(cast_once, per_call)
+    for n, p in stack.named_parameters():
+        assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n

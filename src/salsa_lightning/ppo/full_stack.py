@@ -121,7 +121,7 @@ class FullStack(nn.Module):
         return merge_if_peft(model)
 
     def generate(self, **kwargs) -> torch.Tensor:
-        with _generation_context(self.policy, self.fsdp):
+        with torch.no_grad(), _generation_context(self.policy, self.fsdp):  # no_grad first: the cast needs it
             return self.policy.generate(**kwargs)
 
     def logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:

@@ -189,7 +189,8 @@ class LoraStack(nn.Module):
     def generate(self, **kwargs) -> torch.Tensor:
         self._use(POLICY)
         merged = self.merged_policy() if self.merge_lora else contextlib.nullcontext()
-        with merged, _generation_context(unwrap(self.model), self.fsdp):  # merged first: the cast reads the merge
+        # no_grad before the cast (generate's own no_grad comes too late for it); merged first: the cast reads the merge
+        with torch.no_grad(), merged, _generation_context(unwrap(self.model), self.fsdp):
             return self.model.generate(**kwargs)
 
     def _policy_lora_layers(self) -> Iterator[tuple[str, Any]]:
