@@ -56,6 +56,7 @@ def direct_scores(
     """A model's own responses, gold scores and rewards on the first `limit` eval prompts, generated from it alone
     with `GEN` (seed 0, as the stages seed every point)."""
     from salsa_lightning.evaluation.runtime import default_device
+    from salsa_lightning.evaluation.settings import JudgedGeneration
     from salsa_lightning.landscape.run import load_eval_prompts
 
     prompts = load_eval_prompts(eval_file, limit, True)
@@ -67,6 +68,9 @@ def direct_scores(
         torch.manual_seed(0)  # the config's `seed`
         generated = generate_responses(model, tokenizer, ids, **GEN)
     texts = [g.text for g in generated]
-    scorer = RewardScorer.from_output(reward_model, device=default_device(), batch_size=2)
+    # the stages' scoring batches (`score_batch_size`, default): other batches round differently
+    scorer = RewardScorer.from_output(
+        reward_model, device=default_device(), batch_size=JudgedGeneration().score_batch_size
+    )
     rewards = scorer.score(prompts.messages, texts).tolist()
     return [g.token_ids for g in generated], [gold.score(p, t) for p, t in zip(prompts.texts, texts)], rewards
