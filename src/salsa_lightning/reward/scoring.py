@@ -26,10 +26,16 @@ def encode_for_reward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask), both (B, T) and right-padded: each conversation rendered and left-truncated to `max_length`
     tokens, as `PreferenceDataModule` encodes the reward stage's training pairs."""
+    return pad_with_mask(_encoded(tokenizer, prompts, responses, max_length), tokenizer.pad_token_id)
+
+
+def _encoded(
+    tokenizer, prompts: Sequence[str | Messages], responses: Sequence[str], max_length: int
+) -> list[list[int]]:
+    """Each (prompt, response) rendered and left-truncated to `max_length` tokens (unpadded)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    seqs = [encode_left_truncated(tokenizer, conversation(p, r), max_length)[0] for p, r in zip(prompts, responses)]
-    return pad_with_mask(seqs, tokenizer.pad_token_id)
+    return [encode_left_truncated(tokenizer, conversation(p, r), max_length)[0] for p, r in zip(prompts, responses)]
 
 
 class RewardScorer:
@@ -61,11 +67,8 @@ class RewardScorer:
             raise SalsaError(
                 "Reward normalisation needs the reward stage's stats with std > 0; re-run the reward stage."
             )
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         device = next(self.model.parameters()).device
-        seqs = [encode_left_truncated(self.tokenizer, conversation(p, r), self.max_length)[0]
-                for p, r in zip(prompts, responses)]  # fmt: skip
+        seqs = _encoded(self.tokenizer, prompts, responses, self.max_length)
         # longest first, in batches of similar lengths: a batch in input order pads every row to its longest
         order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
         scores = torch.empty(len(seqs))
