@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,6 +22,13 @@ def pad_sequences(seqs: list[list[int]], value: int, side: str = "right") -> tor
 def pad_with_mask(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """`seqs` padded with `pad_id`, and the (B, T) attention mask of their real tokens."""
     return pad_sequences(seqs, pad_id, side), pad_sequences([[1] * len(s) for s in seqs], 0, side)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of `batch_size` by length, longest first (ties in input order): rows of similar
+    lengths pad little, and the first batch shows at once whether the largest one fits in memory."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 class CausalLMCollator:

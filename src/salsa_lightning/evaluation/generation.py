@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from salsa_lightning.data.chat import Messages
-from salsa_lightning.data.collate import pad_sequences
+from salsa_lightning.data.collate import length_batches, pad_sequences
 from salsa_lightning.rl import logprobs_from_logits, position_ids_from_mask, response_logits, response_mask
 
 
@@ -52,12 +52,6 @@ def eos_ids(tokenizer, model=None) -> list[int]:
     return sorted(ids)
 
 
-def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    # longest first: the first batch shows at once whether the largest one fits in memory
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-
-
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -90,7 +84,7 @@ def generate_responses(
         use_cache=True,
     )
     results: list[Generated | None] = [None] * len(prompt_ids)
-    for batch in _length_batches([len(p) for p in prompt_ids], batch_size):
+    for batch in length_batches([len(p) for p in prompt_ids], batch_size):
         seqs = [prompt_ids[i] for i in batch]
         ids = pad_sequences(seqs, tokenizer.pad_token_id, side="left").to(device)  # (b, P)
         mask = pad_sequences([[1] * len(s) for s in seqs], 0, side="left").to(device)  # (b, P)
@@ -119,7 +113,7 @@ def response_logprobs(
     device = _device(model)
     out: list[torch.Tensor | None] = [None] * len(prompt_ids)
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
-    for batch in _length_batches(lengths, batch_size):
+    for batch in length_batches(lengths, batch_size):
         prompts = [prompt_ids[i] for i in batch]
         responses = [response_ids[i] or [pad_token_id] for i in batch]  # an empty response: one dummy, dropped below
         p_ids = pad_sequences(prompts, pad_token_id, side="left")  # (b, P)

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from salsa_lightning.data.collate import pad_sequences
+from salsa_lightning.data.collate import length_batches, pad_with_mask
 from salsa_lightning.distributed import (
     FSDPSpec,
     forward_through_root,
@@ -139,16 +139,14 @@ class RewardModule(ResumableStage):
         was_training = self.model.training
         self.model.eval()
         dm = self.trainer.datamodule
-        seqs = sorted(
-            (s for key in ("chosen_ids", "rejected_ids") for s in dm.train_set[key]), key=len
-        )  # every rank the same order: a sharded forward needs the same shapes on every rank
-        size, pad = 2 * dm.hparams.batch_size, self.tokenizer.pad_token_id  # the rows of one training forward
+        seqs = [s for key in ("chosen_ids", "rejected_ids") for s in dm.train_set[key]]
+        # the rows of one training forward; the same batches on every rank (a sharded forward needs equal shapes)
+        batches = length_batches([len(s) for s in seqs], 2 * dm.hparams.batch_size)
         moments = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares (rl.masked_moments)
         with self.trainer.precision_plugin.forward_context():
-            for start in range(0, len(seqs), size):
-                chunk = seqs[start : start + size]
-                ids = pad_sequences(chunk, pad).to(self.device)
-                mask = pad_sequences([[1] * len(s) for s in chunk], 0).to(self.device)
+            for rows in batches:
+                ids, mask = pad_with_mask([seqs[i] for i in rows], self.tokenizer.pad_token_id)
+                ids, mask = ids.to(self.device), mask.to(self.device)
                 r = forward_through_root(self, "score_batch", ids, mask).float().cpu()
                 moments += masked_moments(r, torch.ones_like(r, dtype=torch.bool))
         self.model.train(was_training)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from salsa_lightning.data.chat import Messages, conversation, encode_left_truncated
-from salsa_lightning.data.collate import pad_with_mask
+from salsa_lightning.data.collate import length_batches, pad_with_mask
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import ModelSpec, load_tokenizer
 from salsa_lightning.reward.model import (
@@ -69,11 +69,9 @@ class RewardScorer:
             )
         device = next(self.model.parameters()).device
         seqs = _encoded(self.tokenizer, prompts, responses, self.max_length)
-        # longest first, in batches of similar lengths: a batch in input order pads every row to its longest
-        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
         scores = torch.empty(len(seqs))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
+        # batches of similar lengths: a batch in input order pads every row to its longest
+        for rows in length_batches([len(s) for s in seqs], self.batch_size):
             ids, mask = pad_with_mask([seqs[i] for i in rows], self.tokenizer.pad_token_id)
             scores[rows] = sequence_scores(self.model, ids.to(device), mask.to(device)).float().cpu()
         if normalize:
