@@ -38,12 +38,14 @@ def curves(cli) -> list[dict[str, float]]:
     return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in cli.model.history]
 
 
-def assert_same_curves(a, b, rel=1e-5):
+def assert_same_curves(a, b, rel=1e-5, clip_slack=0.0):
+    """Every logged number equal to `rel`; a clip fraction to `clip_slack` (a token whose ratio sits on the clip
+    boundary falls either side of it with rounding-level changes)."""
     assert len(a) == len(b) and a
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for k in x:
-            assert x[k] == pytest.approx(y[k], rel=rel, abs=1e-6), k
+            assert x[k] == pytest.approx(y[k], rel=rel, abs=max(1e-6, clip_slack if "clipfrac" in k else 0)), k
 
 
 def test_layouts_give_the_same_numbers(pipeline):
@@ -83,7 +85,9 @@ def test_soup_of_identical_seeds_equals_init_step_for_step(pipeline):
     soup = pipeline / "soup-identical"  # the exact (cat) LoRA soup of seed 1 with itself: rank 8, same delta
     ppo = run(pipeline, *steps, "--model.anchor=init", f"--model.soup={soup}")
     salsa = run(pipeline, *steps, "--model.anchor=soup", f"--model.soup={soup}")
-    assert_same_curves(curves(ppo), curves(salsa), rel=1e-3)
+    # the anchors are the same function in two forms (rank 4 and the rank-8 cat soup): equal to rounding
+    # (one token of one 32-token minibatch, in an update's mean over 4 minibatches, is 1/128)
+    assert_same_curves(curves(ppo), curves(salsa), rel=1e-3, clip_slack=1 / 128)
     assert any(h["objective/kl"] > 0 for h in curves(ppo))  # the policy moved, so the match is not vacuous
 
 
@@ -371,6 +375,7 @@ def test_critic_free_estimators_train_without_a_critic(pipeline, layout, estimat
     assert len(h) == 2 and all("loss/value_avg" not in row and "val/explained_variance" not in row for row in h)
     assert h[1]["objective/kl_init"] != 0  # the policy moved from its start (k1 is signed: any non-zero value)
     assert cli.trainer.global_step == 2 * 2 * 4  # 2 rollouts x 2 PPO epochs x (8 prompts x 2 samples / 4 per minibatch)
+    assert cli.trainer.optimizers[0].defaults["fused"] is True  # the stages' AdamW (tests/test_optim.py)
 
 
 @pytest.mark.parametrize("layout", ["lora", "full"])

@@ -89,6 +89,7 @@ def test_lora_sft_trains_adapter_only_and_reloads_with_peft(tiny_model_dir, sft_
     cli = cli_main(args)
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trained = cli.model.model
+    assert cli.trainer.optimizers[0].defaults["fused"] is True  # configure_adamw: the fused kernel on CPU
     loader = cli.datamodule.val_dataloader()
     before, after = val_loss(initial, loader), val_loss(trained, loader)
     assert after < before - 0.3, (before, after)

@@ -50,12 +50,26 @@ class OptimSpec:
         require(0 <= self.warmup_ratio < 1, "model.optim.warmup_ratio", self.warmup_ratio, "in [0, 1)", 0.03)
 
 
+def adamw(params: list[torch.nn.Parameter], spec: OptimSpec) -> torch.optim.AdamW:
+    """`torch.optim.AdamW` with `spec`'s settings, fused (one kernel per parameter for the whole update) where every
+    parameter is a plain CPU or CUDA tensor. torch picks the per-tensor loop on CPU by default (its `foreach` kernels
+    are GPU-only and it never defaults to `fused`), which walks each weight-sized tensor about ten times and allocates
+    weight-sized temporaries; the fused kernel gives the same update to rounding. Sharded (DTensor) parameters keep
+    torch's default."""
+    fused = all(
+        type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
+    return torch.optim.AdamW(
+        params, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas, eps=spec.eps, fused=fused or None
+    )
+
+
 def configure_adamw(module, spec: OptimSpec) -> dict[str, Any]:
     """AdamW over the trainable parameters, stepped every optimiser step by a warmup+decay schedule."""
     from transformers import get_scheduler
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas, eps=spec.eps)
+    optimizer = adamw([p for p in module.parameters() if p.requires_grad], spec)
     total = max(1, int(module.trainer.estimated_stepping_batches))
     scheduler = get_scheduler(
         spec.schedule, optimizer, num_warmup_steps=int(spec.warmup_ratio * total), num_training_steps=total

@@ -23,6 +23,7 @@ from salsa_lightning.models.quantization import is_quantized
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.modules.common import (
     OptimSpec,
+    adamw,
     current_seed,
     format_output_dir,
     restore_loader_position,
@@ -143,11 +144,9 @@ class PPOModule(L.LightningModule):
     def configure_optimizers(self):
         from transformers import get_scheduler
 
-        params = [p for p in self.stack.parameters() if p.requires_grad]
-        o = self.optim
-        optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
+        optimizer = adamw([p for p in self.stack.parameters() if p.requires_grad], self.optim)
         total = schedule_length(self.trainer, self.ppo)
-        scheduler = get_scheduler(o.schedule, optimizer, int(o.warmup_ratio * total), total)
+        scheduler = get_scheduler(self.optim.schedule, optimizer, int(self.optim.warmup_ratio * total), total)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
     def configure_callbacks(self):
