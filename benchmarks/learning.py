@@ -11,7 +11,8 @@ The work-saving options (issue 16; off by default) map to `model.ppo.rollout_log
 
 Each arm (estimator:anchor, seed) runs `configs/quickstart/rlvr-*.yaml` through the real CLI in a subprocess, with
 `GoldCurve` (below) as an extra callback. It prints a table — gold before, gold after, the paired gain over prompts
-with a bootstrap 95% interval, KL to init and to the soup at the last update, seconds per update, wall time — and
+with a bootstrap 95% interval, KL to init and to the soup at the last update, seconds per update, wall time; then,
+for each estimator run with both anchors, soup minus init in final gold paired by seed and prompt — and
 writes `results.json`, `table.md` and `curves.png` under `--out`. A finished arm is cached (`arm.json`) and skipped on
 a re-run; the quickstart's SFT seeds and soup are built first if missing.
 """
@@ -229,6 +230,29 @@ def summarise(result: dict, split: str) -> dict:
     return {"before": float(np.mean(first)), "after": float(np.mean(last)), "gain": float(gain.mean()), "ci": (lo, hi)}
 
 
+def anchor_effect(results: list[dict], estimator: str, split: str) -> dict | None:
+    """Soup minus init for one estimator: the final held-out gold of the two anchors, paired by seed and prompt (every
+    arm starts from the same greedy SFT point, so this is also the difference of their gains). `None` unless both
+    anchors ran with a common seed. The interval resamples prompts (of the per-prompt difference averaged over the
+    seeds); how much the seeds disagree is in `per_seed`, which that interval does not cover."""
+    import numpy as np
+
+    from salsa_lightning.evaluation.stats import bootstrap_interval
+
+    arms = {
+        a: {r["seed"]: r for r in results if (r["estimator"], r["anchor"]) == (estimator, a)} for a in ("init", "soup")
+    }
+    seeds = sorted(arms["init"].keys() & arms["soup"].keys())
+    seeds = [s for s in seeds if arms["init"][s]["curve"][-1]["update"] == arms["soup"][s]["curve"][-1]["update"]]
+    if not seeds:
+        return None
+    diffs = np.asarray([np.subtract(arms["soup"][s]["curve"][-1][split], arms["init"][s]["curve"][-1][split])
+                        for s in seeds])  # (seeds, prompts)  # fmt: skip
+    per_prompt = diffs.mean(axis=0)
+    lo, hi = bootstrap_interval(per_prompt, samples=2000, seed=0)
+    return {"seeds": seeds, "diff": float(per_prompt.mean()), "ci": (lo, hi), "per_seed": diffs.mean(axis=1).tolist()}
+
+
 def report(results: list[dict], out: Path) -> str:
     lines = [
         f"machine: {describe_machine()}, torch {torch.__version__}, "
@@ -256,6 +280,15 @@ def report(results: list[dict], out: Path) -> str:
                 f"{(r['forward_s'] + r['optimize_s']) / (g['forward_s'] + g['optimize_s']):.2f}x, whole update "
                 f"{r['s_per_update'] / g['s_per_update']:.2f}x (the same rollout rows: gae one per prompt, grpo n per prompt)"
             )
+    for est in sorted({r["estimator"] for r in results}):
+        for split in ("id", "ood"):
+            e = anchor_effect(results, est, split)
+            if e is not None:
+                lines.append(
+                    f"\nsoup - init ({est}, {split}, seeds {' '.join(map(str, e['seeds']))}): final gold "
+                    f"{e['diff']:+.3f} [{e['ci'][0]:+.3f}, {e['ci'][1]:+.3f}] (95%, over prompts); per seed "
+                    + ", ".join(f"{d:+.3f}" for d in e["per_seed"])
+                )
     text = "\n".join(lines)
     (out / "table.md").write_text(text + "\n")
     plot(results, out / "curves.png")
