@@ -38,3 +38,14 @@ def test_parameters_the_fused_kernel_cannot_take_keep_torchs_default():
     spec = OptimSpec(lr=1e-3)
     assert adamw(_params(0, "meta"), spec).defaults["fused"] is None
     assert adamw([*_params(0), *_params(1, "meta")], spec).defaults["fused"] is None  # one such parameter is enough
+
+
+def test_lightnings_mixed_precision_and_fsdp_plugins_keep_torchs_default():
+    # they refuse gradient clipping with an optimiser that unscales gradients itself, as fused ones do
+    from lightning.pytorch.plugins.precision import FSDPPrecision, HalfPrecision, MixedPrecision, Precision
+
+    spec = OptimSpec(lr=1e-3)
+    assert adamw(_params(0), spec, Precision()).defaults["fused"] is True  # 32-true
+    assert adamw(_params(0), spec, HalfPrecision("bf16-true")).defaults["fused"] is True
+    assert adamw(_params(0), spec, MixedPrecision("bf16-mixed", "cpu")).defaults["fused"] is None
+    assert adamw(_params(0), spec, FSDPPrecision("32-true")).defaults["fused"] is None

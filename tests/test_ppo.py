@@ -361,6 +361,17 @@ def test_kl_hack_errors_name_fields_that_exist(pipeline, capsys):
         assert field in msg and "min_length_fraction" not in msg and "reference_updates" not in msg
 
 
+@pytest.mark.parametrize("layout", ["lora", "full"])
+def test_bf16_mixed_trains_with_gradient_clipping(pipeline, layout):
+    # the precision bf16 CPUs and GPUs train in: PPO clips every step (max_grad_norm), which Lightning's mixed
+    # precision allows only with an optimiser that does not unscale gradients itself (not a fused one)
+    cli = run(pipeline, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--model.optim.lr=1e-2",
+              "--trainer.precision=bf16-mixed", f"--model.layout={layout}")  # fmt: skip
+    assert cli.trainer.global_step > 0 and math.isfinite(cli.model.history[0]["loss/policy_avg"])
+    assert cli.model.history[0]["objective/kl"] == 0 != cli.model.history[-1]["policy/approxkl_avg"]  # it stepped
+    assert cli.trainer.optimizers[0].defaults["fused"] is None
+
+
 # ---------------------------------------------------------------- critic-free estimators (issue 14)
 @pytest.mark.parametrize("layout", ["lora", "full"])
 @pytest.mark.parametrize("estimator,anchor", [("grpo", "soup"), ("rloo", "init"), ("reinforce_pp", "init")])

@@ -114,3 +114,12 @@ def test_lora_sft_trains_adapter_only_and_reloads_with_peft(tiny_model_dir, sft_
         b = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(a, b)
     assert json.loads((out / MANIFEST_NAME).read_text())["format"] == "lora"
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_sft_clips_gradients_in_either_precision(tiny_model_dir, sft_data, tmp_path, precision):
+    args = sft_args(str(tiny_model_dir), str(sft_data), str(tmp_path / "out"), "--trainer.max_epochs=1",
+                    f"--trainer.precision={precision}", "--trainer.gradient_clip_val=0.5")  # fmt: skip
+    cli = cli_main(args)
+    assert cli.trainer.global_step > 0
+    assert cli.trainer.optimizers[0].defaults["fused"] is (True if precision == "32-true" else None)

@@ -50,13 +50,18 @@ class OptimSpec:
         require(0 <= self.warmup_ratio < 1, "model.optim.warmup_ratio", self.warmup_ratio, "in [0, 1)", 0.03)
 
 
-def adamw(params: list[torch.nn.Parameter], spec: OptimSpec) -> torch.optim.AdamW:
+def adamw(params: list[torch.nn.Parameter], spec: OptimSpec, precision_plugin=None) -> torch.optim.AdamW:
     """`torch.optim.AdamW` with `spec`'s settings, fused (one kernel per parameter for the whole update) where every
-    parameter is a plain CPU or CUDA tensor. torch picks the per-tensor loop on CPU by default (its `foreach` kernels
-    are GPU-only and it never defaults to `fused`), which walks each weight-sized tensor about ten times and allocates
-    weight-sized temporaries; the fused kernel gives the same update to rounding. Sharded (DTensor) parameters keep
-    torch's default."""
-    fused = all(
+    parameter is a plain CPU or CUDA tensor and the trainer's precision is plain (`32-true`, `bf16-true`, ...). torch
+    picks the per-tensor loop on CPU by default (its `foreach` kernels are GPU-only and it never defaults to `fused`),
+    which walks each weight-sized tensor about ten times and allocates weight-sized temporaries; the fused kernel
+    gives the same update to rounding. Everything else keeps torch's default: sharded (DTensor) parameters, and
+    Lightning's mixed-precision and FSDP plugins, which refuse gradient clipping with an optimiser that unscales
+    gradients itself (as fused ones do, for fp16's loss scaling)."""
+    from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, Precision
+
+    plain = precision_plugin is None or type(precision_plugin) in (Precision, HalfPrecision, DoublePrecision)
+    fused = plain and all(
         type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point() and p.device.type in ("cpu", "cuda")
         for p in params
     )
@@ -69,7 +74,7 @@ def configure_adamw(module, spec: OptimSpec) -> dict[str, Any]:
     """AdamW over the trainable parameters, stepped every optimiser step by a warmup+decay schedule."""
     from transformers import get_scheduler
 
-    optimizer = adamw([p for p in module.parameters() if p.requires_grad], spec)
+    optimizer = adamw([p for p in module.parameters() if p.requires_grad], spec, module.trainer.precision_plugin)
     total = max(1, int(module.trainer.estimated_stepping_batches))
     scheduler = get_scheduler(
         spec.schedule, optimizer, num_warmup_steps=int(spec.warmup_ratio * total), num_training_steps=total

@@ -144,7 +144,8 @@ class PPOModule(L.LightningModule):
     def configure_optimizers(self):
         from transformers import get_scheduler
 
-        optimizer = adamw([p for p in self.stack.parameters() if p.requires_grad], self.optim)
+        trainable = [p for p in self.stack.parameters() if p.requires_grad]
+        optimizer = adamw(trainable, self.optim, self.trainer.precision_plugin)
         total = schedule_length(self.trainer, self.ppo)
         scheduler = get_scheduler(self.optim.schedule, optimizer, int(self.optim.warmup_ratio * total), total)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
