@@ -70,12 +70,14 @@ def adamw(params: list[torch.nn.Parameter], spec: OptimSpec, precision_plugin=No
     )
 
 
-def configure_adamw(module, spec: OptimSpec) -> dict[str, Any]:
-    """AdamW over the trainable parameters, stepped every optimiser step by a warmup+decay schedule."""
+def configure_adamw(module, spec: OptimSpec, params=None, total: int | None = None) -> dict[str, Any]:
+    """AdamW over `params` (default: the module's trainable parameters), stepped every optimiser step by a
+    warmup+decay schedule over `total` steps (default: the trainer's estimate of the run's optimiser steps)."""
     from transformers import get_scheduler
 
-    optimizer = adamw([p for p in module.parameters() if p.requires_grad], spec, module.trainer.precision_plugin)
-    total = max(1, int(module.trainer.estimated_stepping_batches))
+    params = [p for p in module.parameters() if p.requires_grad] if params is None else params
+    optimizer = adamw(params, spec, module.trainer.precision_plugin)
+    total = max(1, int(module.trainer.estimated_stepping_batches)) if total is None else total
     scheduler = get_scheduler(
         spec.schedule, optimizer, num_warmup_steps=int(spec.warmup_ratio * total), num_training_steps=total
     )

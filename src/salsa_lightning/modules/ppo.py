@@ -23,7 +23,7 @@ from salsa_lightning.models.quantization import is_quantized
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.modules.common import (
     OptimSpec,
-    adamw,
+    configure_adamw,
     current_seed,
     format_output_dir,
     restore_loader_position,
@@ -142,13 +142,9 @@ class PPOModule(L.LightningModule):
             self.engine = make_engine(self.stack, self.policy_init, self.gen, current_seed() or 0)
 
     def configure_optimizers(self):
-        from transformers import get_scheduler
-
+        # the schedule spans the run's rollouts (stepped once per rollout), not Lightning's estimate of steps
         trainable = [p for p in self.stack.parameters() if p.requires_grad]
-        optimizer = adamw(trainable, self.optim, self.trainer.precision_plugin)
-        total = schedule_length(self.trainer, self.ppo)
-        scheduler = get_scheduler(self.optim.schedule, optimizer, int(self.optim.warmup_ratio * total), total)
-        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+        return configure_adamw(self, self.optim, trainable, schedule_length(self.trainer, self.ppo))
 
     def configure_callbacks(self):
         return [KLHackCallback(self.kl_hack)] if self.kl_hack.action != "off" else []
