@@ -6,6 +6,7 @@
     python benchmarks/vs_trl.py --fresh    # forget the stored runs of this configuration first
     python benchmarks/vs_trl.py --systems ours-lora --src /tmp/old/src --tag=-old   # A/B: ours from other sources
     python benchmarks/vs_trl.py --systems ours-lora --rollout-logprobs --merge-lora   # A/B: ours' options
+    python benchmarks/vs_trl.py --precision bf16   # both in bf16 mixed precision (a CPU with bf16, or a GPU's users)
 
 Ours' work-saving options (issue 16; all off by default, so the default runs are the settings below):
 `--rollout-logprobs` (`model.ppo.rollout_logprobs`, with `--logprob-check-every N`); `--log-soup-kl` (also measure
@@ -18,6 +19,10 @@ named after them (e.g. `...-u5-rlp-soupkl-lkl4-merge`), apart from the default r
 Settings (both systems): batch 8 prompts, exactly 32 new tokens (ours: min_new_tokens = max_new_tokens; TRL: no stop
 token, so it always generates `response_length`), 1 PPO epoch, 1 minibatch of 8, β 0.05 (k1 in the reward), lr 3e-6
 (AdamW, linear decay, no warm-up), temperature 1.0, top-k/top-p off, fp32 on CPU, the anchor = the initial policy.
+`--precision bf16` keeps the fp32 weights and runs both in bf16 mixed precision, as each system's users turn it on:
+TRL `bf16=True` (accelerate's autocast around its training forwards), ours `trainer.precision=bf16-mixed` (Lightning's
+autocast around each step, generation included). It measures what users of a CPU with native bf16 (AVX512-BF16/AMX)
+get; on a CPU without it bf16 is emulated and slow for both. Its runs are stored apart (`...-u5-bf16`).
 Models: the policy is the base model itself (ours, LoRA layout: a rank-16 all-linear adapter with B = 0, the same
 function); the reward model and the critic are the base with a seeded linear head (LoRA layout: a rank-16 adapter
 with B = 0 and the same head). TRL holds 4 fp32 models (policy, reference copy, reward, value); our full layout the
@@ -60,6 +65,11 @@ RESULTS = ROOT / "benchmarks" / "results" / "vs_trl"
 EMBEDDED = "embedded:smollm2-135m-instruct"
 
 BATCH, NEW_TOKENS, BETA, LR, TEMPERATURE, LORA_R = 8, 32, 0.05, 3e-6, 1.0, 16
+# each system's own switch for the same thing: fp32 weights, and (bf16) autocast to bf16 around the compute
+PRECISIONS = {
+    "fp32": {"ours": "32-true", "trl_bf16": False, "title": "fp32"},
+    "bf16": {"ours": "bf16-mixed", "trl_bf16": True, "title": "bf16 mixed precision, fp32 weights"},
+}
 SYSTEMS = ("trl", "ours-full", "ours-lora", "ours-lora-gc")
 LABELS = {"trl": "TRL 1.12 PPOTrainer", "ours-full": "ours, full layout", "ours-lora": f"ours, LoRA layout (r{LORA_R})",
           "ours-lora-gc": f"ours, LoRA (r{LORA_R}) + grad. checkpointing"}  # fmt: skip
@@ -161,7 +171,8 @@ def option_args(args: argparse.Namespace, paths: dict[str, str], layout: str) ->
 
 def option_flags(args: argparse.Namespace) -> list[str]:
     """This script's option flags as given (handed on to each run's subprocess)."""
-    flags = [*(["--rollout-logprobs"] if args.rollout_logprobs else []), f"--logprob-check-every={args.logprob_check_every}",
+    flags = [f"--precision={args.precision}", *(["--rollout-logprobs"] if args.rollout_logprobs else []),
+             f"--logprob-check-every={args.logprob_check_every}",
              f"--logged-kl-every={args.logged_kl_every}", *(["--log-soup-kl"] if args.log_soup_kl else []),
              *(["--merge-lora"] if args.merge_lora else []), *(f"--ours-extra={a}" for a in args.ours_extra)]  # fmt: skip
     return flags
@@ -180,7 +191,9 @@ def option_suffix(args: argparse.Namespace) -> str:
     ])  # fmt: skip
 
 
-def ours_args(paths: dict[str, str], layout: str, updates: int, checkpointing: bool = False) -> list[str]:
+def ours_args(
+    paths: dict[str, str], layout: str, updates: int, checkpointing: bool = False, precision: str = "fp32"
+) -> list[str]:
     """Our CLI's arguments for the settings in the module docstring (the options' come from `option_args`)."""
     policy, reward = (paths["base"], paths["rm_full"]) if layout == "full" else (paths["sft_lora"], paths["rm_lora"])
     return [
@@ -194,7 +207,8 @@ def ours_args(paths: dict[str, str], layout: str, updates: int, checkpointing: b
         "--model.sample_table_every=0", "--model.kl_hack.action=off",
         "--data=salsa_lightning.data.prompts.PromptDataModule", f"--data.data={paths['prompts']}",
         f"--data.batch_size={BATCH}", f"--trainer.limit_train_batches={updates}", "--trainer.max_epochs=1",
-        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.logger=false",
+        "--trainer.accelerator=cpu", "--trainer.devices=1", f"--trainer.precision={PRECISIONS[precision]['ours']}",
+        "--trainer.logger=false",
         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--trainer.callbacks+=vs_trl.UpdateClock", "--seed_everything=0",
         *(["--model.model.gradient_checkpointing=true"] if checkpointing else []),
@@ -205,7 +219,7 @@ def run_ours(paths: dict[str, str], system: str, updates: int, options: argparse
     from salsa_lightning.cli import cli_main
 
     layout = "full" if system == "ours-full" else "lora"
-    args = ours_args(paths, layout, updates, checkpointing=system.endswith("-gc"))
+    args = ours_args(paths, layout, updates, checkpointing=system.endswith("-gc"), precision=options.precision)
     cli = cli_main([*args, *option_args(options, paths, layout)])
     import vs_trl  # the CLI instantiated the callback from the module `vs_trl`, not from this `__main__`
 
@@ -220,7 +234,7 @@ def run_ours(paths: dict[str, str], system: str, updates: int, options: argparse
 
 
 # ----------------------------------------------------------------------------- TRL
-def run_trl(paths: dict[str, str], updates: int) -> dict:
+def run_trl(paths: dict[str, str], updates: int, precision: str = "fp32") -> dict:
     """TRL's PPOTrainer on the same models and prompts (runs inside the TRL venv)."""
     import tempfile
 
@@ -247,7 +261,8 @@ def run_trl(paths: dict[str, str], updates: int) -> dict:
             output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, num_mini_batches=1,
             local_rollout_forward_batch_size=BATCH, num_ppo_epochs=1, total_episodes=BATCH * updates,
             response_length=NEW_TOKENS, stop_token=None, temperature=TEMPERATURE, kl_coef=BETA, kl_estimator="k1",
-            learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, bf16=False, fp16=False, use_cpu=True,
+            learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, bf16=PRECISIONS[precision]["trl_bf16"],
+            fp16=False, use_cpu=True,
             report_to="none", save_strategy="no", num_sample_generations=0, logging_steps=1, disable_tqdm=True,
             seed=0,
         )  # fmt: skip
@@ -270,7 +285,9 @@ def child(system: str, paths_file: str, updates: int, out: str, options: argpars
     """One run, in its own process: writes its numbers to `out`."""
     paths = json.loads(Path(paths_file).read_text())
     t0 = time.perf_counter()
-    result = run_trl(paths, updates) if system == "trl" else run_ours(paths, system, updates, options)
+    result = (
+        run_trl(paths, updates, options.precision) if system == "trl" else run_ours(paths, system, updates, options)
+    )
     ends = result.pop("update_ends")
     if len(ends) != updates:
         raise SystemExit(f"{system}: expected {updates} updates, the clock saw {len(ends)}")
@@ -336,6 +353,12 @@ def main() -> None:
         default=ROOT / "src",
         help="the salsa_lightning sources ours runs from (e.g. a checkout of an older commit)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp32",
+        help="fp32 (the issue's protocol) or bf16 (mixed precision in both systems; fp32 weights)",
+    )
     parser.add_argument("--tag", default="", help="appended to the results folder name (e.g. to keep A/B runs apart)")
     ours = parser.add_argument_group("ours' work-saving options (off by default; TRL's runs ignore them)")
     ours.add_argument("--rollout-logprobs", action="store_true", help="model.ppo.rollout_logprobs=true")
@@ -359,7 +382,7 @@ def main() -> None:
     if updates < 2:
         parser.error("--updates must be >= 2 (the first one is a warm-up)")
     base_config = f"{model.replace('embedded:', '').replace('/', '_')}-b{BATCH}-t{NEW_TOKENS}-u{updates}"
-    config = base_config + option_suffix(args) + args.tag
+    config = base_config + ("" if args.precision == "fp32" else f"-{args.precision}") + option_suffix(args) + args.tag
     out_dir = RESULTS / config
     if args.fresh:
         shutil.rmtree(out_dir / "runs", ignore_errors=True)
@@ -390,7 +413,7 @@ def main() -> None:
         r = json.loads(f.read_text())
         results.setdefault(r["system"], []).append(r)
     rows = summarise(results)
-    title = (f"PPO on {model} (fp32, CPU): batch {BATCH}, {NEW_TOKENS} new tokens, 1 epoch x 1 minibatch of {BATCH}, "
+    title = (f"PPO on {model} ({PRECISIONS[args.precision]['title']}, CPU): batch {BATCH}, {NEW_TOKENS} new tokens, 1 epoch x 1 minibatch of {BATCH}, "
              f"beta {BETA}, lr {LR}, 1 warm-up + {updates - 1} timed updates per run")  # fmt: skip
     loads = [r["load_avg_end"][0] for rs in results.values() for r in rs]
     notes = [
