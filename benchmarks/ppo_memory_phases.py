@@ -3,6 +3,8 @@
     python benchmarks/ppo_memory_phases.py                      # embedded SmolLM2-135M, LoRA layout
     python benchmarks/ppo_memory_phases.py --layout full --updates 3
     python benchmarks/ppo_memory_phases.py --checkpointing      # with model.gradient_checkpointing
+    python benchmarks/ppo_memory_phases.py --precision bf16     # bf16 mixed precision (vs_trl.py --precision bf16)
+    python benchmarks/ppo_memory_phases.py --extra=--model.generation.merge_lora=true   # any CLI argument of ours
     MALLOC_ARENA_MAX=1 python benchmarks/ppo_memory_phases.py   # any allocator setting is passed to the run
 
 The settings and models are `benchmarks/vs_trl.py`'s (batch 8, exactly 32 new tokens, one minibatch of 8, fp32 CPU).
@@ -127,8 +129,9 @@ def child(layout: str, paths_file: str, updates: int, out: str) -> None:
 
     paths = json.loads(Path(paths_file).read_text())
     checkpointing = os.environ.get("PHASES_CHECKPOINTING") == "1"
-    args = [a for a in vs_trl.ours_args(paths, layout, updates, checkpointing) if "UpdateClock" not in a]
-    cli_main(args)
+    precision, extra = os.environ.get("PHASES_PRECISION", "fp32"), json.loads(os.environ.get("PHASES_EXTRA", "[]"))
+    args = [a for a in vs_trl.ours_args(paths, layout, updates, checkpointing, precision) if "UpdateClock" not in a]
+    cli_main([*args, *extra])
     PROBE.mark("fit end")
     # ru_maxrss is VmHWM, which every probe resets: the run's peak is the highest interval's
     peak = max(r["peak"] for r in PROBE.rows)
@@ -167,6 +170,8 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--all", action="store_true", help="every probe row, every update")
     parser.add_argument("--checkpointing", action="store_true", help="with model.gradient_checkpointing")
+    parser.add_argument("--precision", choices=list(vs_trl.PRECISIONS), default="fp32")
+    parser.add_argument("--extra", action="append", default=[], metavar="ARG", help="one more CLI argument for ours")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,7 +184,8 @@ def main() -> None:
     root = vs_trl.RESULTS / config / "inputs"
     vs_trl.build_inputs(args.model, root, n_prompts=vs_trl.BATCH * args.updates)
     result = run_child(args.layout, root / "inputs.json", args.updates,
-                       {"PHASES_CHECKPOINTING": "1" if args.checkpointing else "0"})  # fmt: skip
+                       {"PHASES_CHECKPOINTING": "1" if args.checkpointing else "0", "PHASES_PRECISION": args.precision,
+                        "PHASES_EXTRA": json.dumps(args.extra)})  # fmt: skip
     print_rows(result, args.all)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

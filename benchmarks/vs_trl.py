@@ -7,6 +7,7 @@
     python benchmarks/vs_trl.py --systems ours-lora --src /tmp/old/src --tag=-old   # A/B: ours from other sources
     python benchmarks/vs_trl.py --systems ours-lora --rollout-logprobs --merge-lora   # A/B: ours' options
     python benchmarks/vs_trl.py --precision bf16   # both in bf16 mixed precision (a CPU with bf16, or a GPU's users)
+    python benchmarks/vs_trl.py --precision bf16 --systems trl ours-lora-gc --ours-extra=--model.ppo.base_linears_bf16=true
 
 Ours' work-saving options (issue 16; all off by default, so the default runs are the settings below):
 `--rollout-logprobs` (`model.ppo.rollout_logprobs`, with `--logprob-check-every N`); `--log-soup-kl` (also measure

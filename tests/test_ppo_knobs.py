@@ -346,3 +346,55 @@ def test_bf16_mixed_generation_casts_the_weights_once_and_samples_alike(pipeline
     assert torch.equal(cast_once, per_call)
     for n, p in stack.named_parameters():
         assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n
+
+
+# ---------------------------------------------------------------- ppo.base_linears_bf16
+def test_base_linears_bf16_trains_like_the_float32_base_under_bf16_mixed(pipeline):
+    """The LoRA layout's frozen Linear weights held in bf16 under bf16-mixed: every logged number of the run is the
+    float32 base's (autocast cast those weights to the same bf16 values before every matmul)."""
+    common = ("--trainer.max_steps=4", "--model.layout=lora", "--trainer.precision=bf16-mixed")
+    plain = curves(run(pipeline, *common))
+    held = run(pipeline, *common, "--model.ppo.base_linears_bf16=true")
+    dtypes = {n: p.dtype for n, p in held.model.stack.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".base_layer." in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" in n or "head" in n or "norm" in n} == {torch.float32}
+    assert_same_curves(plain, curves(held), rel=0)
+
+
+@pytest.mark.parametrize(("extra", "why"), [
+    (("--trainer.precision=32-true", "--model.layout=lora"), "false unless `trainer.precision` is bf16-mixed"),
+    (("--trainer.precision=bf16-mixed", "--model.layout=full"), "false with `layout: full`"),
+])  # fmt: skip
+def test_base_linears_bf16_is_refused_where_it_cannot_hold(pipeline, capsys, extra, why):
+    from helpers import ppo_args
+
+    args = ppo_args(str(pipeline / "sft1"), str(pipeline / "prompts.jsonl"), *extra,
+                    "--model.ppo.base_linears_bf16=true", reward=str(pipeline / "rm"))  # fmt: skip
+    assert f"`model.ppo.base_linears_bf16` must be {why}" in run_fails(args, capsys)
+
+
+def test_a_stack_holding_bf16_linears_runs_its_forwards_in_autocast_when_the_caller_does_not(pipeline, prompts):
+    """A callback outside the training step (no autocast) still gets the bf16-mixed numbers, not a dtype error."""
+    tok, batch = prompts
+    stack = build_stack("lora", FP32, str(pipeline / "sft1"), {"init": str(pipeline / "sft1")}, str(pipeline / "rm"),
+                        "copy", base_linears_bf16=True)  # fmt: skip
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pos = position_ids_from_mask(mask)
+
+    def forwards():
+        with torch.no_grad():
+            torch.manual_seed(3)
+            tokens = stack.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=0,
+                                    pad_token_id=tok.pad_token_id)  # fmt: skip
+            return (
+                tokens,
+                stack.logits("init", ids, mask, pos),
+                stack.reward_scores(ids, mask),
+                stack.values(ids, mask, pos),
+            )
+
+    outside = forwards()
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        inside = forwards()
+    for a, b in zip(outside, inside, strict=True):
+        assert torch.equal(a, b)

@@ -66,3 +66,69 @@ def test_nothing_is_swapped_where_autocast_would_not_cast(lora_model, where):
     with grad, cast, linear_weights_cast_once(lora_model):
         now = [m.weight for m in lora_model.modules() if isinstance(m, torch.nn.Linear)]
         assert len(now) == len(weights) and all(a is b for a, b in zip(now, weights))
+
+
+# ---------------------------------------------------------------- frozen Linear weights held in bf16 for good
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    model.requires_grad_(False)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+
+
+def test_frozen_linears_held_in_bf16_give_autocasts_logits_and_gradients(tiny_tokenizer):
+    """Under bf16 autocast a base whose frozen Linear weights are stored in bf16 computes what the float32 base
+    computes, bit for bit, forward and backward (the LoRA gradients), because autocast casts to the same values."""
+    import copy
+
+    from salsa_lightning.models.precision import hold_frozen_linears_in
+
+    base = make_tiny_model(tiny_tokenizer, seed=3, tie=True).requires_grad_(False)
+    held = copy.deepcopy(base)
+    assert hold_frozen_linears_in(held, torch.bfloat16) > 0
+    plain, held = _lora(base), _lora(held)
+    held.load_state_dict(plain.state_dict())  # the same adapter weights in both
+    ids = torch.randint(3, len(tiny_tokenizer), (3, 9), generator=torch.Generator().manual_seed(0))
+    out = []
+    for model in (plain, held):
+        with bf16_autocast():
+            logits = model(input_ids=ids).logits
+        logits.float().logsumexp(-1).sum().backward()
+        out.append((logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (a, grads_a), (b, grads_b) = out
+    assert torch.equal(a, b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for n in grads_a:
+        assert torch.equal(grads_a[n], grads_b[n]), n
+    # what is bf16: the base's own Linear weights; what stays float32: embeddings, the tied head, norms, adapters
+    for n, p in held.named_parameters():
+        want = torch.bfloat16 if (".base_layer." in n and "lm_head" not in n) else torch.float32
+        assert p.dtype == want, n
+    assert held.get_output_embeddings().weight is held.get_input_embeddings().weight
+
+
+def test_held_model_owns_its_float32_tensors_not_the_file_map(tiny_tokenizer, tmp_path):
+    """A model read from safetensors keeps its tensors in a map of the file; after holding, no tensor of it is one
+    of those any more (so the map, and the float32 pages the cast touched, can go)."""
+    from transformers import AutoModelForCausalLM
+
+    from salsa_lightning.models.precision import hold_frozen_linears_in
+
+    make_tiny_model(tiny_tokenizer, seed=3, tie=True).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).requires_grad_(False)
+    before = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    hold_frozen_linears_in(model, torch.bfloat16)
+    after = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not before & after
+    assert {p.dtype for p in model.parameters()} == {torch.float32, torch.bfloat16}
+
+
+def test_trainable_linears_are_not_cast(tiny_tokenizer):
+    from salsa_lightning.models.precision import hold_frozen_linears_in
+
+    model = make_tiny_model(tiny_tokenizer, seed=3, tie=False)
+    model.requires_grad_(False)
+    head = model.get_output_embeddings().requires_grad_(True)  # an untied head, trainable here
+    hold_frozen_linears_in(model, torch.bfloat16)
+    assert head.weight.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16

@@ -1,4 +1,5 @@
-"""Weights cast to the autocast dtype once per block instead of once per call.
+"""Weights cast to the autocast dtype once per block instead of once per call, or (frozen Linear weights of a model
+that only ever runs under autocast) once for good: `hold_frozen_linears_in`.
 
 Under `trainer.precision: bf16-mixed` every forward runs in `torch.autocast(..., cache_enabled=False)` (Lightning
 turns autocast's weight cache off, which would hand stale casts to a step after `optimizer.step`), and autocast
@@ -57,4 +58,33 @@ def linear_weights_cast_once(model: nn.Module) -> Iterator[None]:
             module._parameters[name] = p
 
 
-__all__ = ["linear_weights_cast_once"]
+def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen float32 `nn.Linear` weight (and bias) of `model` in `dtype` for good, for a model whose
+    every forward runs under autocast to `dtype`: each matmul then reads the very operand autocast would have cast
+    (`Tensor.to`, the same rounding), so the numbers do not change, while the float32 copy, and the per-forward cast
+    with its transient copy (kept for the backward pass, too), are gone. Embeddings, norms and an LM head tied to
+    the input embeddings keep float32, as autocast leaves them (the residual stream stays float32). Returns the
+    number of tensors cast.
+
+    The other float32 tensors are copied once into memory of their own: a model loaded from safetensors reads its
+    weights from a memory map of the file, and while any tensor of it is alive the whole map stays mapped, with every
+    page the cast touched counted as resident. Without an owner of its own for them, the float32 pages would stay.
+    Only for a model that never runs a float32 forward (one would meet bf16 weights): the caller checks that."""
+    tied = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    cast = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, nn.Linear) or module.weight is tied:
+                continue
+            for name in ("weight", "bias"):
+                p = module._parameters.get(name)
+                if p is not None and p.dtype == torch.float32 and not p.requires_grad:
+                    p.data = p.data.to(dtype)
+                    cast += 1
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.dtype == torch.float32:
+                t.data = t.data.clone()
+    return cast
+
+
+__all__ = ["hold_frozen_linears_in", "linear_weights_cast_once"]

@@ -33,7 +33,7 @@ from salsa_lightning.modules.common import (
 from salsa_lightning.ppo.anchors import check_roles, check_tokenizers, plan_anchors
 from salsa_lightning.ppo.build import build_stack, resolve_layout
 from salsa_lightning.ppo.callbacks import KLHackCallback, log_samples
-from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec, check_merge_lora
+from salsa_lightning.ppo.config import GenerationSpec, KLHackSpec, PPOSpec, check_base_linears_bf16, check_merge_lora
 from salsa_lightning.ppo.losses import minibatch_losses
 from salsa_lightning.ppo.rollout import RewardSource, Rollout, collect_rollout
 from salsa_lightning.ppo.schedule import schedule_length
@@ -136,8 +136,13 @@ class PPOModule(L.LightningModule):
             raise SalsaError(ONE_PROCESS)
         if self.stack is None:
             sharding = (self.device_mesh, self.fsdp) if uses_fsdp2(self) else None
+            if self.ppo.base_linears_bf16:
+                check_base_linears_bf16(resolve_layout(self.layout, self.policy_init, self.plan.paths, self.reward_model),
+                                        str(self.trainer.precision), is_quantized(self.spec), sharding is not None,
+                                        self.gen.backend)  # fmt: skip
             self.stack = build_stack(self.layout, self.spec, self.policy_init, self.plan.paths, self.reward_model,
-                                     self.value_head, sharding, self.ppo.critic, self.gen.merge_lora)  # fmt: skip
+                                     self.value_head, sharding, self.ppo.critic, self.gen.merge_lora,
+                                     self.ppo.base_linears_bf16)  # fmt: skip
         if self.gen.backend == "vllm" and self.engine is None:
             self.engine = make_engine(self.stack, self.policy_init, self.gen, current_seed() or 0)
 

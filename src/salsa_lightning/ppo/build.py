@@ -43,11 +43,14 @@ def build_stack(
     sharding: tuple[Any, FSDPSpec] | None = None,
     critic: bool = True,
     merge_lora: bool = False,
+    base_linears_bf16: bool = False,
 ) -> Stack:
     """The stack for `layout` (`auto`: lora when every model is an adapter), sharded per decoder layer when
     `sharding` = (device mesh, FSDPSpec) is given, in eval mode (no dropout: rollout and update log-probs must come
     from the same function). `critic=False`: no value model (critic-free advantage estimators). `merge_lora`: the
-    LoRA layout generates with the policy adapter merged (`GenerationSpec.merge_lora`), refused where it cannot."""
+    LoRA layout generates with the policy adapter merged (`GenerationSpec.merge_lora`), refused where it cannot.
+    `base_linears_bf16`: the LoRA layout's frozen Linear weights in bf16 (`PPOSpec.base_linears_bf16`; the module
+    checks it against the precision first)."""
     layout = resolve_layout(layout, policy_init, anchors, reward)
     if merge_lora:
         from salsa_lightning.models.quantization import is_quantized
@@ -63,7 +66,8 @@ def build_stack(
         if layout == "full":
             stack = FullStack(spec, policy_init, anchors, reward, value_head, sharding, critic)
         else:
-            stack = LoraStack(spec, policy_init, anchors, reward, value_head, sharding, critic, merge_lora)
+            stack = LoraStack(spec, policy_init, anchors, reward, value_head, sharding, critic, merge_lora,
+                              base_linears_bf16)  # fmt: skip
     if sharding is not None:
         stack.shard(*sharding)
     return stack.eval()

@@ -146,6 +146,14 @@ class PPOSpec:
     AMX: `python -m salsa_lightning.hardware` says which). The policy's own log-probs and everything the update
     differentiates keep the trainer's precision. Numbers: the KL penalty, the scores and the value baseline carry
     bf16 rounding (off by default; a no-op under `trainer.precision: bf16-mixed`, which autocasts every forward)."""
+    base_linears_bf16: bool = False
+    """LoRA layout under `trainer.precision: bf16-mixed`: hold the frozen base's Linear weights in bf16 — what
+    autocast casts them to before every matmul anyway — instead of float32; embeddings, norms, a tied LM head and
+    every adapter keep float32. The matmuls read the same operands, so the numbers are the float32 base's (with
+    `generation.merge_lora` the adapter is merged into the bf16 weight: one rounding more). Saves half the base's
+    Linear memory and every forward's cast of it (measured in `benchmarks/vs_trl.py --precision bf16`). Refused
+    with any other precision (a float32 forward would meet bf16 weights), the full layout, a 4-bit base, FSDP and
+    the vLLM backend."""
 
     @property
     def critic(self) -> bool:
@@ -222,6 +230,23 @@ def check_merge_lora(layout: str, quantized: bool, sharded: bool) -> None:
     _check(why is None, f, True, why, False)
 
 
+def check_base_linears_bf16(layout: str, precision: str, quantized: bool, sharded: bool, backend: str) -> None:
+    """`ppo.base_linears_bf16` where it cannot work, refused in one sentence before any model loads."""
+    f, why = "model.ppo.base_linears_bf16", None
+    if layout != "lora":
+        why = "false with `layout: full` (it holds the LoRA layout's frozen base in bf16)"
+    elif precision != "bf16-mixed":
+        why = (f"false unless `trainer.precision` is bf16-mixed (it is {precision}; only autocast gives the bf16 "
+               "weights bf16 inputs)")  # fmt: skip
+    elif quantized:
+        why = "false with a 4-bit (QLoRA) base, which is already smaller than bf16"
+    elif sharded:
+        why = "false under FSDP sharding (it applies to one process's whole base)"
+    elif backend != "hf":
+        why = "false with `generation.backend: vllm`, which loads its own copy of the base"
+    _check(why is None, f, True, why, False)
+
+
 @dataclass
 class KLHackSpec:
     """Paper §A.4: with a large β the policy can shrink responses toward zero length (zero KL)."""
@@ -245,4 +270,4 @@ class KLHackSpec:
         _check(self.patience >= 1, f + "patience", self.patience, "at least 1", 2)
 
 
-__all__ = ["GenerationSpec", "KLHackSpec", "PPOSpec", "check_merge_lora", "every"]
+__all__ = ["GenerationSpec", "KLHackSpec", "PPOSpec", "check_base_linears_bf16", "check_merge_lora", "every"]

@@ -30,6 +30,7 @@ from salsa_lightning.models.loading import (
     lora_config_like,
     resolve_model_path,
 )
+from salsa_lightning.models.precision import hold_frozen_linears_in
 from salsa_lightning.models.quantization import is_quantized
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.ppo.anchors import InMemorySoup
@@ -52,13 +53,15 @@ class LoraStack(nn.Module):
         sharding: tuple[Any, FSDPSpec] | None = None,
         critic: bool = True,
         merge_lora: bool = False,
+        base_linears_bf16: bool = False,
     ):
         """`sharding` (FSDP2, bf16/fp32 base): the base is built on the meta device and `shard` reads only each
         rank's rows of the base checkpoint and of every adapter, so no rank holds the whole base. `merge_lora`:
         `generate` runs with the policy adapter merged into the base (`merged_policy`; `build_stack` refuses it
-        where it cannot work)."""
+        where it cannot work). `base_linears_bf16`: the frozen base's Linear weights held in bf16
+        (`PPOSpec.base_linears_bf16`; checked by `check_base_linears_bf16`)."""
         super().__init__()
-        self.merge_lora = merge_lora
+        self.merge_lora, self.base_linears_bf16 = merge_lora, base_linears_bf16
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
@@ -95,6 +98,8 @@ class LoraStack(nn.Module):
         else:
             base = _from_pretrained(AutoModelForCausalLM, self.base_path, spec)
         base.requires_grad_(False)
+        if base_linears_bf16:  # before any adapter wraps a Linear: only the base's own weights are cast
+            hold_frozen_linears_in(base, torch.bfloat16)
         self.model = PeftModel.from_pretrained(
             base, resolve_model_path(policy_init), adapter_name="policy", is_trainable=True
         )
@@ -186,11 +191,20 @@ class LoraStack(nn.Module):
             self.model.set_adapter(name)
             self._set_flags()
 
+    def _autocast(self):
+        """With `base_linears_bf16`, bf16 autocast around the stack's forwards where the caller runs none (a callback
+        outside the training step), so that bf16 weights never meet float32 inputs; inside bf16-mixed's own autocast
+        (every training step) a no-op."""
+        device = self.reward_head.weight.device.type
+        if not self.base_linears_bf16 or torch.is_autocast_enabled(device):
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False)
+
     def generate(self, **kwargs) -> torch.Tensor:
         self._use(POLICY)
         merged = self.merged_policy() if self.merge_lora else contextlib.nullcontext()
         # no_grad before the cast (generate's own no_grad comes too late for it); merged first: the cast reads the merge
-        with torch.no_grad(), merged, _generation_context(unwrap(self.model), self.fsdp):
+        with self._autocast(), torch.no_grad(), merged, _generation_context(unwrap(self.model), self.fsdp):
             return self.model.generate(**kwargs)
 
     def _policy_lora_layers(self) -> Iterator[tuple[str, Any]]:
@@ -242,17 +256,21 @@ class LoraStack(nn.Module):
 
     def logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:
         self._use(name)
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                          logits_to_keep=keep).logits  # fmt: skip
+        with self._autocast():
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                              logits_to_keep=keep).logits  # fmt: skip
 
     def reward_scores(self, ids, mask) -> torch.Tensor:
         self._use("reward")
-        hidden = gather_last(_hidden(self.model, ids, mask, position_ids_from_mask(mask)), mask)  # (B, H)
-        return self.reward_head(hidden.to(self.reward_head.weight.dtype)).squeeze(-1).float()
+        with self._autocast():
+            hidden = gather_last(_hidden(self.model, ids, mask, position_ids_from_mask(mask)), mask)  # (B, H)
+            return self.reward_head(hidden.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
     def values(self, ids, mask, pos) -> torch.Tensor:
         self._use("value")
-        return self.value_head(_hidden(self.model, ids, mask, pos).to(self.value_head.weight.dtype)).squeeze(-1).float()
+        with self._autocast():
+            hidden = _hidden(self.model, ids, mask, pos)
+            return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def gather_policy(self) -> dict[str, torch.Tensor] | None:
         self._use(POLICY)
