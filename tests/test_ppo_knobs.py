@@ -18,6 +18,7 @@ from salsa_lightning.ppo.anchors import plan_anchors
 from salsa_lightning.ppo.build import build_stack
 from salsa_lightning.ppo.config import GenerationSpec, PPOSpec
 from salsa_lightning.ppo.losses import minibatch_loss
+from salsa_lightning.ppo.merge import MergedAdapter
 from salsa_lightning.ppo.rollout import RewardSource, collect_rollout
 from salsa_lightning.rl.sequences import position_ids_from_mask
 
@@ -174,10 +175,14 @@ def test_resume_measures_the_same_rollouts_as_an_uninterrupted_run(pipeline, tmp
 
 
 # ---------------------------------------------------------------- generation.merge_lora
-def test_merged_generation_samples_alike_and_leaves_the_base_bit_identical(pipeline, prompts):
+@pytest.mark.parametrize("restore", ["copy", "checkpoint"])
+def test_merged_generation_samples_alike_and_leaves_the_base_bit_identical(pipeline, prompts, restore):
+    """Either way of putting the base back (`generation.merge_restore`) leaves every model's outputs exactly as they
+    were; `checkpoint` merges into the base's own storage (no copy) and reads it back from the checkpoint."""
     tok, batch = prompts
     anchors = {"init": str(pipeline / "sft1"), "soup": str(pipeline / "soup")}
-    stack = build_stack("lora", FP32, str(pipeline / "sft1"), anchors, str(pipeline / "rm"), "copy", merge_lora=True)
+    stack = build_stack("lora", FP32, str(pipeline / "sft1"), anchors, str(pipeline / "rm"), "copy", merge_lora=True,
+                        merge_restore=restore)  # fmt: skip
     frozen = {n: p.detach().clone() for n, p in stack.named_parameters() if not p.requires_grad}
     ids, mask = batch["input_ids"], batch["attention_mask"]
     pos = position_ids_from_mask(mask)
@@ -212,17 +217,19 @@ def test_merged_generation_samples_alike_and_leaves_the_base_bit_identical(pipel
     assert not any(getattr(m, "merged_adapters", []) for m in stack.model.modules())
 
     q_proj = next(m for n, m in stack.model.named_modules() if n.endswith("q_proj.base_layer"))
-    original = q_proj.weight.detach().clone()
+    original, storage = q_proj.weight.detach().clone(), q_proj.weight.data_ptr()
     seen = []
 
     def failing_generate(**kwargs):
-        seen.append(not torch.equal(q_proj.weight, original))  # the adapter is merged into the base meanwhile
+        # the adapter is merged into the base meanwhile: into a copy, or into the base's own storage
+        seen.append((not torch.equal(q_proj.weight, original), q_proj.weight.data_ptr() == storage))
         raise RuntimeError("out of memory")
 
     stack.model.generate = failing_generate  # a failed generation still puts the base back
     with pytest.raises(RuntimeError):
         stack.generate(input_ids=ids)
-    assert seen == [True]
+    assert seen == [(True, restore == "checkpoint")]
+    assert q_proj.weight.data_ptr() == storage
     assert all(torch.equal(p, frozen[n]) for n, p in stack.named_parameters() if not p.requires_grad)
 
 
@@ -231,6 +238,10 @@ def test_merge_lora_trains_like_the_unmerged_policy(pipeline):
     plain = curves(run(pipeline, *common))
     merged = curves(run(pipeline, *common, "--model.generation.merge_lora=true"))
     assert_same_curves(plain, merged, rel=1e-5)
+    # merged into the base itself and read back from the checkpoint: the same merge, the same base after it
+    reread = curves(run(pipeline, *common, "--model.generation.merge_lora=true",
+                        "--model.generation.merge_restore=checkpoint"))  # fmt: skip
+    assert_same_curves(merged, reread, rel=0)
 
 
 def test_merge_lora_is_refused_where_there_is_nothing_to_merge(pipeline, capsys):
@@ -252,7 +263,23 @@ def test_merge_lora_is_refused_where_there_is_nothing_to_merge(pipeline, capsys)
     first, second = (layers[f"base_model.model.model.layers.{i}.self_attn.q_proj"] for i in (0, 1))
     second.base_layer.weight = first.base_layer.weight
     with pytest.raises(SalsaError, match="tied to another module"):
-        stack._refuse_tied_merge_targets()
+        MergedAdapter(stack.model, "policy")
+
+    with pytest.raises(SalsaError, match="`model.generation.merge_lora` must be true for `merge_restore: checkpoint`"):
+        GenerationSpec(merge_restore="checkpoint")
+
+
+def test_merge_restore_checkpoint_refuses_a_checkpoint_that_is_not_the_loaded_base(pipeline, tmp_path):
+    """The read-back is checked once, when the stack is built: a base that differs from its checkpoint (changed after
+    loading, or converted on load) or a base directory without safetensors is refused there, in one sentence."""
+    stack = build_stack("lora", FP32, str(pipeline / "sft1"), {}, None, "copy", merge_lora=True)
+    q_proj = next(m for n, m in stack.model.named_modules() if n.endswith("layers.1.self_attn.q_proj.base_layer"))
+    with torch.no_grad():
+        q_proj.weight[0, 0] += 1.0
+    with pytest.raises(SalsaError, match=r"its model.layers.1.self_attn.q_proj.weight differs from the loaded weight"):
+        MergedAdapter(stack.model, "policy", "checkpoint", stack.base_path)
+    with pytest.raises(SalsaError, match="use `merge_restore: copy`"):
+        MergedAdapter(stack.model, "policy", "checkpoint", str(tmp_path))  # no weights there
 
 
 # ---------------------------------------------------------------- ppo.frozen_bf16
@@ -359,6 +386,20 @@ def test_base_linears_bf16_trains_like_the_float32_base_under_bf16_mixed(pipelin
     assert {d for n, d in dtypes.items() if ".base_layer." in n} == {torch.bfloat16}
     assert {d for n, d in dtypes.items() if "lora_" in n or "head" in n or "norm" in n} == {torch.float32}
     assert_same_curves(plain, curves(held), rel=0)
+
+
+def test_a_merge_into_bf16_linears_is_read_back_from_the_float32_checkpoint(pipeline):
+    """With the frozen Linears held in bf16, `merge_restore: checkpoint` casts the float32 checkpoint's weights back
+    into them (the check at build time passes: the same rounding as the hold's), and the run is the copy's exactly."""
+    common = ("--trainer.max_steps=4", "--model.layout=lora", "--trainer.precision=bf16-mixed",
+              "--model.ppo.base_linears_bf16=true", "--model.generation.merge_lora=true")  # fmt: skip
+    copied = run(pipeline, *common)
+    reread = run(pipeline, *common, "--model.generation.merge_restore=checkpoint")
+    assert reread.model.stack._merged.restore == "checkpoint"
+    bases = [{n: p for n, p in m.model.stack.named_parameters() if ".base_layer." in n} for m in (copied, reread)]
+    assert {p.dtype for p in bases[1].values()} == {torch.bfloat16}
+    assert all(torch.equal(p, bases[1][n]) for n, p in bases[0].items())
+    assert_same_curves(curves(copied), curves(reread), rel=0)
 
 
 @pytest.mark.parametrize(("extra", "why"), [

@@ -142,7 +142,7 @@ class PPOModule(L.LightningModule):
                                         self.gen.backend)  # fmt: skip
             self.stack = build_stack(self.layout, self.spec, self.policy_init, self.plan.paths, self.reward_model,
                                      self.value_head, sharding, self.ppo.critic, self.gen.merge_lora,
-                                     self.ppo.base_linears_bf16)  # fmt: skip
+                                     self.ppo.base_linears_bf16, self.gen.merge_restore)  # fmt: skip
         if self.gen.backend == "vllm" and self.engine is None:
             self.engine = make_engine(self.stack, self.policy_init, self.gen, current_seed() or 0)
 

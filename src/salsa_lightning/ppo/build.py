@@ -44,11 +44,13 @@ def build_stack(
     critic: bool = True,
     merge_lora: bool = False,
     base_linears_bf16: bool = False,
+    merge_restore: str = "copy",
 ) -> Stack:
     """The stack for `layout` (`auto`: lora when every model is an adapter), sharded per decoder layer when
     `sharding` = (device mesh, FSDPSpec) is given, in eval mode (no dropout: rollout and update log-probs must come
     from the same function). `critic=False`: no value model (critic-free advantage estimators). `merge_lora`: the
-    LoRA layout generates with the policy adapter merged (`GenerationSpec.merge_lora`), refused where it cannot.
+    LoRA layout generates with the policy adapter merged (`GenerationSpec.merge_lora`), refused where it cannot, the
+    base put back as `merge_restore` says (`GenerationSpec.merge_restore`).
     `base_linears_bf16`: the LoRA layout's frozen Linear weights in bf16 (`PPOSpec.base_linears_bf16`; the module
     checks it against the precision first)."""
     layout = resolve_layout(layout, policy_init, anchors, reward)
@@ -67,7 +69,7 @@ def build_stack(
             stack = FullStack(spec, policy_init, anchors, reward, value_head, sharding, critic)
         else:
             stack = LoraStack(spec, policy_init, anchors, reward, value_head, sharding, critic, merge_lora,
-                              base_linears_bf16)  # fmt: skip
+                              base_linears_bf16, merge_restore)  # fmt: skip
     if sharding is not None:
         stack.shard(*sharding)
     return stack.eval()

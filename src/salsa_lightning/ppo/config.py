@@ -37,12 +37,16 @@ class GenerationSpec:
     merge_lora: bool = False
     """LoRA layout: fold the policy adapter into the base weights for `generate` and put the base back afterwards, so
     each decoding step runs plain matmuls instead of base + adapter (saves the adapters' extra matmuls at every token;
-    the update, the anchors, the reward and the critic still run unmerged). The merge writes into a copy of each
-    targeted base weight and the untouched originals are restored after, so every other adapter's forward reads the
-    same base bit for bit (subtracting the adapter again would not restore it exactly). Memory: one more copy of the
-    targeted base weights (for `all-linear`, nearly the whole decoder) while generation runs. Numbers: the sampled
-    tokens come from `(W + s·BA)x` instead of `Wx + s·B(Ax)`, equal up to float rounding. Refused with a 4-bit
-    (QLoRA) base, under FSDP sharding and in the full layout (nothing to merge)."""
+    the update, the anchors, the reward and the critic still run unmerged). Every other adapter's forward then reads
+    the same base bit for bit (subtracting the adapter again would not restore it exactly; `merge_restore` says how it
+    comes back). Numbers: the sampled tokens come from `(W + s·BA)x` instead of `Wx + s·B(Ax)`, equal up to float
+    rounding. Refused with a 4-bit (QLoRA) base, under FSDP sharding and in the full layout (nothing to merge)."""
+    merge_restore: Literal["copy", "checkpoint"] = "copy"
+    """With `merge_lora`, how the base comes back after `generate`. `copy`: the merge writes into a copy of each
+    targeted base weight and the untouched originals are swapped back; memory: one more copy of those weights (for
+    `all-linear`, nearly the whole decoder) while generation runs. `checkpoint`: the merge writes into the base itself,
+    which is then read back from the base model's safetensors checkpoint (cast as the load cast it; compared bit for
+    bit with the loaded weights once, when the stack is built); no copy, one read of those weights per rollout."""
     backend: Backend = "hf"
     """`hf`: transformers' `generate` on the training model. `vllm`: a vLLM engine in this process, created once per
     run; the LoRA layout hands it the policy adapter each rollout (the base is loaded once), the full layout loads the
@@ -64,6 +68,11 @@ class GenerationSpec:
             f"between 0 and max_new_tokens ({self.max_new_tokens})",
             0,
         )
+        _check(self.merge_restore in ("copy", "checkpoint"), f + "merge_restore", self.merge_restore,
+               "copy or checkpoint", "copy")  # fmt: skip
+        if self.merge_restore != "copy":
+            _check(self.merge_lora, f + "merge_lora", False, "true for `merge_restore: checkpoint` (nothing is merged "
+                   "to put back otherwise)", True)  # fmt: skip
 
     def sampling_kwargs(self) -> dict:
         """`generate` keyword arguments for this spec's sampling (greedy ignores the filters)."""

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from salsa_lightning.models.precision import hold_frozen_linears_in
 from salsa_lightning.models.quantization import is_quantized
 from salsa_lightning.models.spec import ModelSpec
 from salsa_lightning.ppo.anchors import InMemorySoup
+from salsa_lightning.ppo.merge import MergedAdapter, MergeRestore, checkpoint_key
 from salsa_lightning.ppo.stack import POLICY, _generation_context, _hidden, checkpoint_in_eval_mode
 from salsa_lightning.reward.model import unwrap
 from salsa_lightning.rl.sequences import gather_last, position_ids_from_mask
@@ -54,11 +53,12 @@ class LoraStack(nn.Module):
         critic: bool = True,
         merge_lora: bool = False,
         base_linears_bf16: bool = False,
+        merge_restore: MergeRestore = "copy",
     ):
         """`sharding` (FSDP2, bf16/fp32 base): the base is built on the meta device and `shard` reads only each
         rank's rows of the base checkpoint and of every adapter, so no rank holds the whole base. `merge_lora`:
         `generate` runs with the policy adapter merged into the base (`merged_policy`; `build_stack` refuses it
-        where it cannot work). `base_linears_bf16`: the frozen base's Linear weights held in bf16
+        where it cannot work), the base put back as `merge_restore` says (`ppo.merge`). `base_linears_bf16`: the frozen base's Linear weights held in bf16
         (`PPOSpec.base_linears_bf16`; checked by `check_base_linears_bf16`)."""
         super().__init__()
         self.merge_lora, self.base_linears_bf16 = merge_lora, base_linears_bf16
@@ -129,8 +129,7 @@ class LoraStack(nn.Module):
             self.value_head.requires_grad_(True)
             self._trainable.add("value")
         self._set_flags()
-        if merge_lora:
-            self._refuse_tied_merge_targets()
+        self._merged = MergedAdapter(self.model, POLICY, merge_restore, self.base_path) if merge_lora else None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -202,57 +201,15 @@ class LoraStack(nn.Module):
 
     def generate(self, **kwargs) -> torch.Tensor:
         self._use(POLICY)
-        merged = self.merged_policy() if self.merge_lora else contextlib.nullcontext()
+        merged = self.merged_policy() if self.merge_lora and self._merged else contextlib.nullcontext()
         # no_grad before the cast (generate's own no_grad comes too late for it); merged first: the cast reads the merge
         with self._autocast(), torch.no_grad(), merged, _generation_context(unwrap(self.model), self.fsdp):
             return self.model.generate(**kwargs)
 
-    def _policy_lora_layers(self) -> Iterator[tuple[str, Any]]:
-        """(name, layer) of every PEFT LoRA layer that carries the policy adapter."""
-        from peft.tuners.lora import LoraLayer
-
-        for name, layer in self.model.named_modules():
-            if isinstance(layer, LoraLayer) and POLICY in {*layer.lora_A, *layer.lora_embedding_A}:
-                yield name, layer
-
-    def _refuse_tied_merge_targets(self) -> None:
-        """A base weight tied to another module (an LM head targeted with tied embeddings) would carry the merge into
-        that module too, which the unmerged policy does not do."""
-        uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
-        for name, layer in self._policy_lora_layers():
-            if uses[id(layer.get_base_layer().weight)] > 1:
-                raise SalsaError(
-                    f"`model.generation.merge_lora` cannot merge the policy adapter into {name}, whose base weight is "
-                    "tied to another module; set merge_lora to false, or train the adapter without that module."
-                )
-
-    @contextlib.contextmanager
-    def merged_policy(self) -> Iterator[None]:
-        """The policy adapter folded into the base weights while the block runs (PEFT's `merge`: a merged layer
-        computes `(W + s·BA)x`, one matmul, instead of `Wx + s·B(Ax)`).
-
-        PEFT's `unmerge` subtracts the adapter again, which in floating point does not give W back bit for bit, and
-        every other adapter (anchors, reward, value) reads W. So each targeted base weight is swapped for a copy, the
-        merge writes into the copy, and afterwards the untouched original is put back (a pointer swap, no second
-        copy). Memory: one copy of the targeted base weights (for `all-linear`, nearly the whole decoder) while the
-        block runs, plus PEFT's per-layer ΔW while merging."""
-        swapped: list[tuple[Any, nn.Module, dict[str, torch.Tensor]]] = []
-        try:
-            with torch.no_grad():
-                for _, layer in self._policy_lora_layers():
-                    base = layer.get_base_layer()
-                    names = ["weight", *(["bias"] if layer.lora_bias.get(POLICY) else [])]
-                    swapped.append((layer, base, {n: getattr(base, n).data for n in names}))
-                    for n in names:
-                        getattr(base, n).data = getattr(base, n).data.clone()
-                    layer.merge(adapter_names=[POLICY])  # in place, into the copy
-            yield
-        finally:
-            for layer, base, originals in swapped:
-                for n, original in originals.items():
-                    getattr(base, n).data = original
-                if POLICY in layer.merged_adapters:
-                    layer.merged_adapters.remove(POLICY)
+    def merged_policy(self):
+        """The policy adapter merged into the base while the block runs, the base put back bit for bit after
+        (`ppo.merge`)."""
+        return self._merged()
 
     def logits(self, name: str, ids, mask, pos, keep: int = 0) -> torch.Tensor:
         self._use(name)
@@ -300,8 +257,7 @@ class LoraStack(nn.Module):
                     parts = name.split(".")
                     lora = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
                     if lora is None:  # a base weight: its name in the base checkpoint
-                        key = ".".join(p for p in parts if p != "base_layer").removeprefix("base_model.model.")
-                        return base_rows(key, start, stop)
+                        return base_rows(checkpoint_key(name), start, stop)
                     adapter, key = parts[lora + 1], ".".join(parts[: lora + 1] + parts[lora + 2 :])
                     return self.adapter_weights[adapter][key][start:stop]
 
