@@ -219,6 +219,7 @@ class PPOModule(L.LightningModule):
                     if any_rank(not torch.isfinite(loss), self.device):
                         opt.zero_grad()  # a part already back-propagated leaves no gradient behind
                         return logs, planned, B
+                    release_freed_memory()  # what the loss's own temporaries freed, before the backward allocates
                     self.manual_backward(loss)
                     release_freed_memory()  # the freed graph's pages, before the next part's forward reuses the heap
                     stats = part_stats  # the last part's hold every statistic

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from salsa_lightning import rl
+from salsa_lightning.allocator import release_freed_memory
 from salsa_lightning.distributed import mean_over_ranks, sum_over_ranks, world_size
 from salsa_lightning.errors import SalsaError
 from salsa_lightning.models.loading import canonical_model_ref, resolve_model_path
@@ -126,6 +127,7 @@ def response_logprobs(stack: Stack, name: str, ids, mask, pos, response, tempera
     """(B, R) log-probs of `response` under the policy or anchor `name` (only the response's logits computed)."""
     keep = response.shape[1] + 1  # the positions that predict the response (and one spare the slicing drops)
     logits = stack.logits(name, ids, mask, pos, keep)
+    release_freed_memory()  # the forward's freed temporaries, before the log-softmax over the vocabulary allocates
     return rl.logprobs_from_logits(rl.response_logits(logits, response.shape[1]), response, temperature)
 
 
