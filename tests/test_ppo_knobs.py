@@ -341,7 +341,8 @@ def test_freed_pages_are_handed_back_around_every_backward(pipeline, layout, mon
     backwards = events.count("backward")
     assert backwards == 4 * 2  # 4 minibatch steps, the policy part then the critic part
     assert all(events[i - 1] == "trim" == events[i + 1] for i, e in enumerate(events) if e == "backward")
-    assert events.count("logprobs") > 0 and all(events[i - 1] == "trim" for i, e in enumerate(events) if e == "logprobs")
+    assert events.count("logprobs") > 0
+    assert all(events[i - 1] == "trim" for i, e in enumerate(events) if e == "logprobs")
     monkeypatch.setattr(ppo_module, "release_freed_memory", lambda: True)
     monkeypatch.setattr(rollout_module, "release_freed_memory", lambda: True)
     assert_same_curves(trimmed, curves(run(pipeline, *args)))
