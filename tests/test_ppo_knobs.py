@@ -6,10 +6,12 @@ changes it only by float rounding, and each does skip the work it says it skips.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import shorter_is_better
+from safetensors.torch import load_file, save_file
 from test_ppo import assert_same_curves, curves, run, run_fails
 
 from salsa_lightning.errors import SalsaError
@@ -265,7 +267,7 @@ def test_merge_lora_is_refused_where_there_is_nothing_to_merge(pipeline, capsys)
     with pytest.raises(SalsaError, match="tied to another module"):
         MergedAdapter(stack.model, "policy")
 
-    with pytest.raises(SalsaError, match="`model.generation.merge_lora` must be true for `merge_restore: checkpoint`"):
+    with pytest.raises(SalsaError, match="`model.generation.merge_restore` must be copy unless `model.generation"):
         GenerationSpec(merge_restore="checkpoint")
 
 
@@ -278,8 +280,50 @@ def test_merge_restore_checkpoint_refuses_a_checkpoint_that_is_not_the_loaded_ba
         q_proj.weight[0, 0] += 1.0
     with pytest.raises(SalsaError, match=r"its model.layers.1.self_attn.q_proj.weight differs from the loaded weight"):
         MergedAdapter(stack.model, "policy", "checkpoint", stack.base_path)
-    with pytest.raises(SalsaError, match="use `merge_restore: copy`"):
-        MergedAdapter(stack.model, "policy", "checkpoint", str(tmp_path))  # no weights there
+    with pytest.raises(SalsaError, match="holds no full-weight safetensors checkpoint; use `merge_restore: copy`"):
+        (tmp_path / "config.json").write_text("{}")  # a model directory without safetensors weights
+        MergedAdapter(stack.model, "policy", "checkpoint", str(tmp_path))
+    with pytest.raises(SalsaError, match="not a local directory, an embedded model or a Hub model in the local cache"):
+        MergedAdapter(stack.model, "policy", "checkpoint", "nobody/no-such-model")  # nothing is downloaded
+    with pytest.raises(SalsaError, match="holds no tensor model.layers.0.self_attn.q_proj.weight"):
+        renamed = tmp_path / "renamed"  # a checkpoint whose keys the loaded model does not use (a key rename)
+        renamed.mkdir()
+        (renamed / "config.json").write_text("{}")
+        weights = load_file(str(Path(stack.base_path) / "model.safetensors"))
+        save_file({f"renamed.{k}": v for k, v in weights.items()}, str(renamed / "model.safetensors"))
+        MergedAdapter(stack.model, "policy", "checkpoint", str(renamed))
+
+
+def test_merge_restore_checkpoint_reads_through_a_cpu_buffer_and_refuses_a_changed_checkpoint(pipeline, tmp_path):
+    """Lightning builds the stack under its root device's context: the read buffer stays on the CPU (a GPU buffer
+    could not take a file read). And a base checkpoint rewritten during the run is refused before the next merge,
+    with the base untouched, rather than read back into it."""
+    import shutil
+
+    stack = build_stack("lora", FP32, str(pipeline / "sft1"), {}, None, "copy", merge_lora=True)
+    base = tmp_path / "base"
+    shutil.copytree(stack.base_path, base)
+    with torch.device("meta"):
+        merged = MergedAdapter(stack.model, "policy", "checkpoint", str(base))
+    assert merged._buffer.device.type == "cpu" and merged._buffer.numel() > 0
+    frozen = {n: p.detach().clone() for n, p in stack.named_parameters() if not p.requires_grad}
+    with merged():
+        pass
+    assert all(torch.equal(p, frozen[n]) for n, p in stack.named_parameters() if not p.requires_grad)
+    weights = load_file(str(base / "model.safetensors"))
+    save_file(weights, str(base / "model.safetensors"))  # the same tensors, a new file
+    with pytest.raises(SalsaError, match="changed during the run"), merged():
+        pass
+    assert all(torch.equal(p, frozen[n]) for n, p in stack.named_parameters() if not p.requires_grad)
+
+
+def test_same_bits_tells_signed_zeros_apart_and_nans_alike():
+    from salsa_lightning.ppo.merge import same_bits
+
+    a = torch.tensor([0.0, float("nan"), 1.5], dtype=torch.bfloat16)
+    assert same_bits(a, a.clone())
+    assert not same_bits(a, torch.tensor([-0.0, float("nan"), 1.5], dtype=torch.bfloat16))
+    assert not same_bits(a, a.float())
 
 
 # ---------------------------------------------------------------- ppo.frozen_bf16
@@ -340,9 +384,9 @@ def test_freed_pages_are_handed_back_around_every_backward(pipeline, layout, mon
     trimmed = curves(run(pipeline, *args))
     backwards = events.count("backward")
     assert backwards == 4 * 2  # 4 minibatch steps, the policy part then the critic part
-    assert all(events[i - 1] == "trim" == events[i + 1] for i, e in enumerate(events) if e == "backward")
+    assert all(i > 0 and events[i - 1] == "trim" == events[i + 1] for i, e in enumerate(events) if e == "backward")
     assert events.count("logprobs") > 0
-    assert all(events[i - 1] == "trim" for i, e in enumerate(events) if e == "logprobs")
+    assert all(i > 0 and events[i - 1] == "trim" for i, e in enumerate(events) if e == "logprobs")
     monkeypatch.setattr(ppo_module, "release_freed_memory", lambda: True)
     monkeypatch.setattr(rollout_module, "release_freed_memory", lambda: True)
     assert_same_curves(trimmed, curves(run(pipeline, *args)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 DEFAULT_MMAP_THRESHOLD = 0  # off: pinned at 128 KiB it cut the LoRA peak further but cost ~40% more CPU time in
@@ -27,6 +28,7 @@ DEFAULT_MMAP_THRESHOLD = 0  # off: pinned at 128 KiB it cut the LoRA peak furthe
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
+@functools.cache  # find_library runs `ldconfig -p` in a subprocess on Linux: once, not at every trim
 def _libc():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -46,7 +46,8 @@ class GenerationSpec:
     targeted base weight and the untouched originals are swapped back; memory: one more copy of those weights (for
     `all-linear`, nearly the whole decoder) while generation runs. `checkpoint`: the merge writes into the base itself,
     which is then read back from the base model's safetensors checkpoint (cast as the load cast it; compared bit for
-    bit with the loaded weights once, when the stack is built); no copy, one read of those weights per rollout."""
+    bit with the loaded weights once, when the stack is built); no copy of the weights, one read of them per rollout,
+    and a CPU buffer the size of the largest one."""
     backend: Backend = "hf"
     """`hf`: transformers' `generate` on the training model. `vllm`: a vLLM engine in this process, created once per
     run; the LoRA layout hands it the policy adapter each rollout (the base is loaded once), the full layout loads the
@@ -70,9 +71,8 @@ class GenerationSpec:
         )
         _check(self.merge_restore in ("copy", "checkpoint"), f + "merge_restore", self.merge_restore,
                "copy or checkpoint", "copy")  # fmt: skip
-        if self.merge_restore != "copy":
-            _check(self.merge_lora, f + "merge_lora", False, "true for `merge_restore: checkpoint` (nothing is merged "
-                   "to put back otherwise)", True)  # fmt: skip
+        _check(self.merge_lora or self.merge_restore == "copy", f + "merge_restore", self.merge_restore,
+               f"copy unless `{f}merge_lora` is true, as nothing is merged to put back", "copy")  # fmt: skip
 
     def sampling_kwargs(self) -> dict:
         """`generate` keyword arguments for this spec's sampling (greedy ignores the filters)."""

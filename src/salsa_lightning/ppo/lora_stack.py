@@ -129,7 +129,9 @@ class LoraStack(nn.Module):
             self.value_head.requires_grad_(True)
             self._trainable.add("value")
         self._set_flags()
-        self._merged = MergedAdapter(self.model, POLICY, merge_restore, self.base_path) if merge_lora else None
+        self._merged = None
+        if merge_lora:
+            self._merged = MergedAdapter(self.model, POLICY, merge_restore, self.base_path, spec.revision)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -10,14 +10,17 @@ back one of two ways (`generation.merge_restore`):
 - `checkpoint`: the merge writes into the base weights themselves, and afterwards they are read back into place from
   the base checkpoint, cast as the load cast them. No copy; one read of the targeted weights per rollout (from the
   page cache once warm). When the stack is built every targeted weight is read once and compared bit for bit with
-  the loaded one, so a checkpoint that does not hold exactly the loaded weights is refused there, not found later.
-  The reads go into one reusable buffer (`SafetensorsReader`): safetensors has no read into an existing tensor, and
-  its memory map would leave every page it touched resident while the file stays open.
+  the loaded one, so a checkpoint that does not hold exactly the loaded weights is refused there, not found later;
+  a checkpoint file that changes during the run (rewritten, replaced) is refused before the next merge. The reads
+  go into one reusable CPU buffer the size of the largest targeted tensor (`SafetensorsReader`): safetensors has
+  no read into an existing tensor, and its memory map would leave every page it touched resident while the file
+  stays open.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from collections import Counter
 from collections.abc import Iterator
@@ -29,6 +32,32 @@ from torch import nn
 from salsa_lightning.errors import SalsaError
 
 MergeRestore = Literal["copy", "checkpoint"]
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same dtype, shape and bytes (unlike `torch.equal`, -0.0 differs from 0.0 and a NaN
+    equals itself)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    ints = _INTS[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def local_checkpoint_dir(base: str, revision: str | None = None) -> str | None:
+    """The local directory a base model's weights were loaded from: an embedded model's cache, a local directory, or a
+    Hub model's snapshot in the local Hub cache (nothing is downloaded); None when there is none."""
+    from salsa_lightning.models.loading import resolve_model_path
+
+    path = resolve_model_path(base)
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, revision=revision, local_files_only=True)
+    except Exception:  # not cached (or not a Hub id): the caller refuses in a sentence of its own
+        return None
 
 
 def checkpoint_key(param_name: str) -> str:
@@ -47,18 +76,20 @@ def adapter_layers(model: nn.Module, adapter: str) -> list[tuple[str, Any]]:
 class MergedAdapter:
     """Merge `adapter` of a PEFT `model` into its base for a block (`with merged():`) and put the base back after.
 
-    `restore` is how (see the module docstring); `checkpoint` needs `base_path`, the full-weight directory the base
-    was loaded from."""
+    `restore` is how (see the module docstring); `checkpoint` needs `base_path`, the base model the weights were
+    loaded from (a directory, an `embedded:` name or a Hub id with its `revision`)."""
 
-    def __init__(self, model: nn.Module, adapter: str, restore: MergeRestore = "copy", base_path: str | None = None):
+    def __init__(self, model: nn.Module, adapter: str, restore: MergeRestore = "copy", base_path: str | None = None,
+                 revision: str | None = None):  # fmt: skip
         self.model, self.adapter, self.restore = model, adapter, restore
         self._refuse_tied_targets()
         self._readers: list[Any] = []
         # (base layer, tensor name, reader of its file, checkpoint key); the tensor is looked up at each use, as
         # moving the model to a device replaces it
         self._targets: list[tuple[nn.Module, str, Any, str]] = []
+        self._stamps: list[tuple[int, int, int]] = []  # each file's (inode, size, mtime) when it was checked
         if restore == "checkpoint":
-            self._open_checkpoint(base_path)
+            self._open_checkpoint(base_path, revision)
 
     def _targeted(self) -> Iterator[tuple[Any, nn.Module, list[str]]]:
         """(layer, its base layer, the names of the base tensors the merge writes into)."""
@@ -76,7 +107,7 @@ class MergedAdapter:
                     "tied to another module; set merge_lora to false, or train the adapter without that module."
                 )
 
-    def _open_checkpoint(self, base_path: str | None) -> None:
+    def _open_checkpoint(self, base_path: str | None, revision: str | None) -> None:
         from salsa_lightning.soup.inputs import describe_input
         from salsa_lightning.soup.streaming import SafetensorsReader
 
@@ -84,14 +115,18 @@ class MergedAdapter:
             return SalsaError(f"`model.generation.merge_restore: checkpoint` cannot put the base back from {base_path}: "
                               f"{why}; use `merge_restore: copy`.")  # fmt: skip
 
-        if base_path is None:
-            raise refuse("no base checkpoint directory is known")
+        directory = local_checkpoint_dir(base_path, revision) if base_path is not None else None
+        if directory is None:
+            raise refuse("it is not a local directory, an embedded model or a Hub model in the local cache")
         try:
-            files = describe_input(base_path).weight_files
+            files = describe_input(directory).weight_files
         except SalsaError as err:
-            raise refuse(str(err).rstrip(".")) from err
+            raise refuse(f"{directory} holds no full-weight safetensors checkpoint") from err
+        if any(f.suffix != ".safetensors" for f in files):
+            raise refuse(f"{directory} holds no full-weight safetensors checkpoint")
         self._readers = [SafetensorsReader(f) for f in files]
         weakref.finalize(self, _close, self._readers)  # the readers hold file descriptors, not memory
+        self._stamps = self._file_stamps()
         where = {key: reader for reader in self._readers for key in reader.infos}
         names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         for _, base, attrs in self._targeted():
@@ -102,11 +137,16 @@ class MergedAdapter:
                 if reader is None or tuple(reader.infos[key].shape) != tuple(tensor.shape):
                     raise refuse(f"it holds no tensor {key} of shape {tuple(tensor.shape)}")
                 self._targets.append((base, attr, reader, key))
-        self._buffer = torch.empty(max((r.nbytes(k) for _, _, r, k in self._targets), default=0), dtype=torch.uint8)
+        # on the CPU whatever device context the stack is built in (Lightning builds it under the root device's)
+        nbytes = max((r.nbytes(k) for _, _, r, k in self._targets), default=0)
+        self._buffer = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
         for base, attr, reader, key in self._targets:  # once: the checkpoint holds exactly the loaded weights
             tensor = getattr(base, attr).data
-            if not torch.equal(reader.read(key, self._buffer).to(device=tensor.device, dtype=tensor.dtype), tensor):
+            if not same_bits(reader.read(key, self._buffer).to(device=tensor.device, dtype=tensor.dtype), tensor):
                 raise refuse(f"its {key} differs from the loaded weight (converted or changed on load)")
+
+    def _file_stamps(self) -> list[tuple[int, int, int]]:
+        return [(st.st_ino, st.st_size, st.st_mtime_ns) for st in (os.stat(r.path) for r in self._readers)]
 
     def _read_back(self) -> None:
         for base, attr, reader, key in self._targets:
@@ -115,6 +155,12 @@ class MergedAdapter:
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
+        if self.restore == "checkpoint" and self._file_stamps() != self._stamps:  # before anything is merged
+            raise SalsaError(
+                f"The base checkpoint {[str(r.path) for r in self._readers]} changed during the run, so the base "
+                "cannot be read back after a merge; keep the base model's files unchanged while training, or use "
+                "`model.generation.merge_restore: copy`."
+            )
         swapped: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
         layers = []
         try:
@@ -128,15 +174,24 @@ class MergedAdapter:
                     layer.merge(adapter_names=[self.adapter])  # in place: into the copy, or into the base itself
             yield
         finally:
-            with torch.no_grad():
-                for base, originals in swapped:
-                    for n, original in originals.items():
-                        getattr(base, n).data = original
-                if self.restore == "checkpoint" and layers:
-                    self._read_back()
-            for layer in layers:
-                if self.adapter in layer.merged_adapters:
-                    layer.merged_adapters.remove(self.adapter)
+            try:
+                with torch.no_grad():
+                    for base, originals in swapped:
+                        for n, original in originals.items():
+                            getattr(base, n).data = original
+                    if self.restore == "checkpoint" and layers:
+                        try:
+                            self._read_back()
+                        except Exception as err:  # an I/O error or an interrupt mid-read: W is partly merged
+                            raise SalsaError(
+                                f"Reading the base weights back after a merged generation failed ({err}); the base "
+                                "is no longer the trained-from one, so this run cannot go on — restart it (from its "
+                                "last checkpoint), or use `model.generation.merge_restore: copy`."
+                            ) from err
+            finally:
+                for layer in layers:
+                    if self.adapter in layer.merged_adapters:
+                        layer.merged_adapters.remove(self.adapter)
 
 
 def _close(readers: list[Any]) -> None:
@@ -144,4 +199,4 @@ def _close(readers: list[Any]) -> None:
         reader.close()
 
 
-__all__ = ["MergeRestore", "MergedAdapter", "adapter_layers", "checkpoint_key"]
+__all__ = ["MergeRestore", "MergedAdapter", "adapter_layers", "checkpoint_key", "local_checkpoint_dir", "same_bits"]

@@ -238,6 +238,7 @@ def collect_rollout(
             extra["rollout/logprob_diff"] = rl.masked_mean((logp - recomputed).abs(), resp_mask)
     else:
         logits = stack.logits(POLICY, ids, mask, pos, response.shape[1] + 1)  # (B, R+1, V)
+        release_freed_memory()  # as in `response_logprobs`
         logp = rl.logprobs_from_logits(rl.response_logits(logits, response.shape[1]), response, T)  # (B, R)
         entropy = rl.entropy_from_logits(rl.response_logits(logits, response.shape[1]), T)  # (B, R)
         del logits
