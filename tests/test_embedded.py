@@ -41,3 +41,15 @@ def test_embedded_model_answers_through_our_loader(embedded_dir):
 def test_unknown_embedded_name_is_explained():
     with pytest.raises(SalsaError, match="embedded models are"):
         load_tokenizer("embedded:gpt-17")
+
+
+def test_merge_restore_finds_the_embedded_base_checkpoint(embedded_dir):
+    """`generation.merge_restore: checkpoint` reads an adapter's base back from its files: for the embedded default
+    (adapters record `embedded:...` as their base) those are the converted copy's."""
+    from pathlib import Path
+
+    from salsa_lightning.ppo.merge import local_checkpoint_dir
+
+    found = local_checkpoint_dir(DEFAULT_MODEL)
+    assert found is not None and Path(found).resolve() == Path(embedded_dir).resolve()
+    assert (Path(found) / "model.safetensors").is_file()
