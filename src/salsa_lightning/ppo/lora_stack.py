@@ -58,8 +58,8 @@ class LoraStack(nn.Module):
         """`sharding` (FSDP2, bf16/fp32 base): the base is built on the meta device and `shard` reads only each
         rank's rows of the base checkpoint and of every adapter, so no rank holds the whole base. `merge_lora`:
         `generate` runs with the policy adapter merged into the base (`merged_policy`; `build_stack` refuses it
-        where it cannot work), the base put back as `merge_restore` says (`ppo.merge`). `base_linears_bf16`: the frozen base's Linear weights held in bf16
-        (`PPOSpec.base_linears_bf16`; checked by `check_base_linears_bf16`)."""
+        where it cannot work), the base put back as `merge_restore` says (`ppo.merge`). `base_linears_bf16`: the
+        frozen base's Linear weights held in bf16 (`PPOSpec.base_linears_bf16`; checked by `check_base_linears_bf16`)."""
         super().__init__()
         self.merge_lora, self.base_linears_bf16 = merge_lora, base_linears_bf16
         from peft import PeftModel

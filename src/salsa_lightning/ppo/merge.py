@@ -83,6 +83,12 @@ class MergedAdapter:
                  revision: str | None = None):  # fmt: skip
         self.model, self.adapter, self.restore = model, adapter, restore
         self._refuse_tied_targets()
+        # (layer, its base layer, the names of the base tensors the merge writes into), found once: the merge and
+        # the read-back walk the same list
+        self._layers: list[tuple[Any, nn.Module, list[str]]] = [
+            (layer, layer.get_base_layer(), ["weight", *(["bias"] if layer.lora_bias.get(adapter) else [])])
+            for _, layer in adapter_layers(model, adapter)
+        ]
         self._readers: list[Any] = []
         # (base layer, tensor name, reader of its file, checkpoint key); the tensor is looked up at each use, as
         # moving the model to a device replaces it
@@ -90,11 +96,6 @@ class MergedAdapter:
         self._stamps: list[tuple[int, int, int]] = []  # each file's (inode, size, mtime) when it was checked
         if restore == "checkpoint":
             self._open_checkpoint(base_path, revision)
-
-    def _targeted(self) -> Iterator[tuple[Any, nn.Module, list[str]]]:
-        """(layer, its base layer, the names of the base tensors the merge writes into)."""
-        for _, layer in adapter_layers(self.model, self.adapter):
-            yield layer, layer.get_base_layer(), ["weight", *(["bias"] if layer.lora_bias.get(self.adapter) else [])]
 
     def _refuse_tied_targets(self) -> None:
         """A base weight tied to another module (an LM head targeted with tied embeddings) would carry the merge into
@@ -129,7 +130,7 @@ class MergedAdapter:
         self._stamps = self._file_stamps()
         where = {key: reader for reader in self._readers for key in reader.infos}
         names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        for _, base, attrs in self._targeted():
+        for _, base, attrs in self._layers:
             for attr in attrs:
                 tensor = getattr(base, attr)
                 key = checkpoint_key(names[id(tensor)])
@@ -165,7 +166,7 @@ class MergedAdapter:
         layers = []
         try:
             with torch.no_grad():
-                for layer, base, attrs in self._targeted():
+                for layer, base, attrs in self._layers:
                     if self.restore == "copy":
                         swapped.append((base, {n: getattr(base, n).data for n in attrs}))
                         for n in attrs:
